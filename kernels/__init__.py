@@ -1,0 +1,23 @@
+"""kernels: fast versions of `refimpl.ops`, swapped in by name.
+
+    import kernels
+    kernels.backend_status()              # what this machine can run, in words
+    kernels.registered()                  # {op: [backends]}
+    with kernels.use("numba"):            # swap every numba kernel in, for this block
+        logits, _ = model(idx)
+
+Backends: `reference` (plain PyTorch), `numba` (CPU), `numba_cuda` (GPU, or numba's
+CUDA simulator when there is none), `cupy` (raw CUDA C from the .cu file beside
+each op's module). Importing this package turns the CUDA simulator on when no
+GPU is present (see `kernels.machine`).
+"""
+
+from kernels import machine  # first: it decides numba's CUDA target before numba is imported
+from kernels.machine import backend_status, cuda_simulator_enabled, has_cuda_gpu, runnable_backends
+from kernels.registry import BACKENDS, KernelNotFound, get, register, registered, use
+
+# Importing an op's module registers its kernels.
+from kernels import rmsnorm  # noqa: E402,F401  (after machine)
+
+__all__ = ["BACKENDS", "KernelNotFound", "backend_status", "cuda_simulator_enabled", "get", "has_cuda_gpu",
+           "register", "registered", "runnable_backends", "use", "machine"]

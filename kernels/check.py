@@ -1,0 +1,109 @@
+"""One comparison helper and one tolerance table for the whole book.
+
+A kernel passes when, element by element, |out - ref| <= atol + rtol * |ref|,
+after its shape and dtype match. NaN or inf where the reference is finite never
+passes. Every result also reports the relative L2 error ||out - ref|| / ||ref||,
+a single number that says how close, not only whether.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from kernels.tensors import poisoned_outputs
+
+__all__ = ["TOLERANCES", "Comparison", "compare", "assert_close", "poisoned_outputs", "random_tensor"]
+
+#: dtype -> (atol, rtol), and why.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    # float64: exact math in a different order; ~1e-16 per op over reductions of a few thousand terms
+    torch.float64: (1e-10, 1e-9),
+    # float32: unit roundoff 6e-8; a reduction of length L in another order drifts ~sqrt(L) * 6e-8 * |terms|,
+    # and softmax/exp amplify it a little. 1e-5/1e-4 holds with margin up to L ~ 10^4.
+    torch.float32: (1e-5, 1e-4),
+    # float16: unit roundoff 4.9e-4, so one rounding of the output alone is ~5e-4 relative
+    torch.float16: (1e-3, 2e-3),
+    # bfloat16: unit roundoff 3.9e-3 (8-bit mantissa); one or two output roundings
+    torch.bfloat16: (1e-2, 1.6e-2),
+}
+# Integer outputs (indices, offsets) must match exactly.
+
+
+@dataclass
+class Comparison:
+    """The verdict of one comparison, as plain data for a table."""
+    name: str
+    passed: bool
+    shape_ok: bool
+    dtype_ok: bool
+    max_abs_error: float
+    rel_l2_error: float
+    worst_excess: float      # max over elements of |out - ref| / (atol + rtol |ref|); <= 1 passes
+    atol: float
+    rtol: float
+    message: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor, name: str = "", atol: float | None = None,
+            rtol: float | None = None) -> Comparison:
+    """Compare a kernel's output with the reference's; never raises on a mismatch."""
+    shape_ok = tuple(out.shape) == tuple(ref.shape)
+    dtype_ok = out.dtype == ref.dtype
+    if not (shape_ok and dtype_ok):
+        msg = f"{name}: got {out.dtype} {list(out.shape)}, expected {ref.dtype} {list(ref.shape)}"
+        return Comparison(name, False, shape_ok, dtype_ok, float("inf"), float("inf"), float("inf"),
+                          atol or 0.0, rtol or 0.0, msg)
+    if ref.dtype.is_floating_point:
+        default_atol, default_rtol = TOLERANCES[ref.dtype]
+    else:
+        default_atol, default_rtol = 0.0, 0.0
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
+    o, r = out.detach().cpu().double(), ref.detach().cpu().double()
+    err = (o - r).abs()
+    bound = atol + rtol * r.abs()
+    bad = ~(err <= bound)                                   # NaN in err counts as bad
+    bad |= ~torch.isfinite(o) & torch.isfinite(r)
+    bad |= torch.isnan(o) & ~torch.isnan(r)
+    finite = torch.isfinite(err)
+    max_abs = float(err[finite].max()) if finite.any() else 0.0
+    if not finite.all():
+        max_abs = float("inf")
+    ref_norm = float(r[torch.isfinite(r)].norm()) if r.numel() else 0.0
+    rel_l2 = float((o - r)[finite].norm()) / ref_norm if ref_norm > 0 else max_abs
+    if not finite.all():
+        rel_l2 = float("inf")
+    excess = float((err / bound.clamp_min(1e-300))[finite].max()) if finite.any() else 0.0
+    if not finite.all():
+        excess = float("inf")
+    n_bad = int(bad.sum())
+    passed = n_bad == 0
+    if passed:
+        msg = f"{name}: ok (max |err| {max_abs:.2e}, rel L2 {rel_l2:.2e})"
+    else:
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        msg = (f"{name}: {n_bad} of {r.numel()} elements out of tolerance (atol {atol:g}, rtol {rtol:g}); "
+               f"first at {first}: got {o[first].item()!r}, expected {r[first].item()!r}; "
+               f"max |err| {max_abs:.2e}, rel L2 {rel_l2:.2e}")
+    return Comparison(name, passed, True, True, max_abs, rel_l2, excess, atol, rtol, msg)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, name: str = "", atol: float | None = None,
+                 rtol: float | None = None) -> Comparison:
+    """`compare`, raising AssertionError with the details when it fails."""
+    result = compare(out, ref, name, atol, rtol)
+    if not result.passed:
+        raise AssertionError(result.message)
+    return result
+
+
+def random_tensor(shape, dtype=torch.float32, device="cpu", generator: torch.Generator | None = None,
+                  scale: float = 1.0) -> torch.Tensor:
+    """A fresh standard-normal draw (never zeros: zeros hide indexing bugs)."""
+    t = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+    return t.to(dtype=dtype, device=device)

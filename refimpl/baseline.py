@@ -1,0 +1,156 @@
+"""The baseline: a plain Llama-style byte-level language model.
+
+Every chapter trains its architecture against this model at an equal
+parameter count and step budget, so "better" always means "better than a
+well-understood transformer of the same size on the same bytes".
+
+Papers: Touvron et al. 2023, "LLaMA", arXiv:2302.13971 (pre-norm RMSNorm,
+SwiGLU, RoPE), plus the blocks of `refimpl.blocks`.
+
+Glossary: B batch, T tokens, C d_model, V vocabulary (256 bytes); the rest as in `refimpl.ops`.
+
+Does not include: dropout schedules, weight tying options beyond on/off, or
+anything fast. Kernels replace `refimpl.ops`, not this file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from refimpl.blocks import GroupedQueryAttention, KVCache, RMSNorm, SwiGLU, TopKMoE
+
+
+@dataclass
+class BaselineConfig:
+    vocab_size: int = 256            # V: bytes
+    d_model: int = 128               # C: residual width
+    n_layers: int = 4                # transformer blocks
+    n_heads: int = 4                 # H: query heads
+    n_kv_heads: int = 2              # G: key/value heads (GQA); = n_heads gives plain multi-head attention
+    ffn_hidden: int | None = None    # F: SwiGLU hidden width; None -> 8/3 * C rounded up to a multiple of 32
+    n_experts: int = 0               # E: 0 -> dense SwiGLU; >= 1 -> top-k MoE of SwiGLU experts
+    top_k: int = 2                   # k: experts per token (MoE only)
+    window: int | None = None        # W: sliding attention window; None -> full causal attention
+    max_seq_len: int = 256           # longest context used in training (sets nothing but a check)
+    norm_eps: float = 1e-6           # RMSNorm epsilon
+    aux_loss_weight: float = 0.01    # weight of the MoE load-balancing loss in the training loss
+    tie_embeddings: bool = True      # share the embedding and unembedding matrices
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head dimension d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
+        if self.n_experts and not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k={self.top_k} must be in [1, n_experts={self.n_experts}]")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be >= 1 or None, got {self.window}")
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 32 * math.ceil(8 * self.d_model / 3 / 32)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "BaselineConfig":
+        """A named size (`tiny` for tests and CI, `small` for the book on a CPU), optionally adjusted."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+
+PRESETS = {
+    "tiny": BaselineConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64),
+    "small": BaselineConfig(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128),
+}
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: BaselineConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = GroupedQueryAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.window)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if cfg.n_experts:
+            self.ffn = TopKMoE(cfg.d_model, cfg.ffn_hidden, cfg.n_experts, cfg.top_k)
+        else:
+            self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache)  # [B, T, C]
+        return x + self.ffn(self.ffn_norm(x))         # [B, T, C]
+
+
+class BaselineLM(nn.Module):
+    """Embedding -> n_layers blocks -> RMSNorm -> unembedding. No positional table: RoPE does positions."""
+
+    def __init__(self, cfg: BaselineConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.unembed.weight = self.embed.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                caches: list[KVCache] | None = None):
+        """idx: [B, T] byte ids -> (logits [B, T, V], loss or None).
+
+        The loss is next-byte cross-entropy in nats plus the weighted MoE
+        load-balancing loss. Pass `caches` (one KVCache per layer) to decode
+        token by token; the result equals the full forward.
+        """
+        if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"BaselineLM expects idx as an int tensor [B, T], got {idx.dtype} {list(idx.shape)}")
+        if caches is not None and len(caches) != len(self.blocks):
+            raise ValueError(f"need one KVCache per layer ({len(self.blocks)}), got {len(caches)}")
+        x = self.embed(idx)                                          # [B, T, C]
+        for i, block in enumerate(self.blocks):
+            x = block(x, caches[i] if caches is not None else None)  # [B, T, C]
+        logits = self.unembed(self.norm(x))                          # [B, T, V]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            if self.cfg.n_experts:
+                loss = loss + self.cfg.aux_loss_weight * sum(b.ffn.aux_loss for b in self.blocks)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample continuation bytes with a KV cache: [B, T0] -> [B, T0 + max_new_tokens]."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        caches = [KVCache() for _ in self.blocks]
+        logits, _ = self(idx, caches=caches)
+        out = [idx]
+        for _ in range(max_new_tokens):
+            last = logits[:, -1].float() / temperature               # [B, V]
+            if top_k is not None:
+                kth = last.topk(top_k, dim=-1).values[:, -1:]
+                last = last.masked_fill(last < kth, float("-inf"))
+            nxt = torch.multinomial(torch.softmax(last, -1), 1, generator=generator)  # [B, 1]
+            out.append(nxt)
+            logits, _ = self(nxt, caches=caches)
+        return torch.cat(out, dim=1)
