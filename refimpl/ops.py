@@ -144,6 +144,8 @@ def check_moe_dispatch_args(x, expert_index, n_experts: int):
     _expect_float("x", x)
     if x.dim() != 2:
         _fail(f"moe_dispatch: x must be 2-D [N, C], got shape {list(x.shape)}")
+    if x.shape[0] < 1:
+        _fail("moe_dispatch: x must hold at least one token (N >= 1)")
     if not isinstance(expert_index, torch.Tensor) or expert_index.dtype not in (torch.int32, torch.int64):
         _fail("moe_dispatch: expert_index must be an int32/int64 tensor [N, k]")
     if expert_index.dim() != 2 or expert_index.shape[0] != x.shape[0]:

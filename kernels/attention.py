@@ -1,0 +1,170 @@
+"""Causal grouped-query attention kernels, with an optional sliding window.
+
+Reference: `refimpl.ops.attention`. q: [B, T, H, D], k and v: [B, S, G, D] -> out: [B, T, H, D].
+Query t sits at position p = S - T + t; it reads keys s with lo <= s <= p, where
+lo = 0 for full attention and lo = max(0, p - W + 1) with a window of W.
+Query head h reads key/value head h // (H / G).
+
+Every version here is "one query row at a time, online softmax" (Milakov &
+Gimelshein 2018, "Online normalizer calculation for softmax", arXiv:1805.02867;
+the idea inside FlashAttention, Dao et al. 2022, arXiv:2205.14135): walk the
+keys once, keeping the running max m, the running denominator l and the
+running weighted sum of values, rescaling both by exp(m_old - m_new) whenever
+the max grows. No [T, S] score matrix is ever stored.
+
+The ladder
+    numba       one CPU thread per (b, t, h) row (prange over B*T*H rows)
+    numba_cuda  v1 (registered): one GPU thread per row, the output row accumulated in a
+                thread-local array of MAX_HEAD_DIM floats. Simple; each thread re-reads
+                K and V, and neighbouring threads' reads are not coalesced.
+    cupy        attention.cu, attention_row_per_thread: the same in CUDA C.
+Faster rungs (a warp per row, K/V tiles in shared memory) are the GPU issue's work.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+from numba import cuda
+
+from kernels.machine import cuda_simulator_enabled
+from kernels.registry import register
+from kernels.tensors import (cupy_stream, cupy_view, expect_device, expect_dtype, forward_only, new_output,
+                             numba_cuda_stream, numba_cuda_view, numpy_view)
+from refimpl import ops
+
+register("attention", "reference")(ops.attention)
+
+MAX_HEAD_DIM = 256  # size of the per-thread accumulator in the CUDA versions
+
+
+def _prepare(q, k, v, causal, window, scale, backend, dtypes):
+    B, T, H, S, G, D = ops.check_attention_args(q, k, v, causal, window)
+    expect_dtype("attention", "q", q, dtypes)
+    expect_device("attention", backend, {"q": q, "k": k, "v": v})
+    forward_only("attention", q, k, v)
+    if backend != "numba" and D > MAX_HEAD_DIM:
+        raise ValueError(f"attention: {backend} kernels support head dimension D <= {MAX_HEAD_DIM}, got {D}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    window_arg = 0 if window is None else window  # 0 means "no window" inside the kernels
+    out = new_output((B, T, H, D), q.dtype, q.device)
+    return (B, T, H, S, G, D), scale, window_arg, out
+
+
+# ---------------------------------------------------------------- numba (CPU)
+
+@numba.njit(parallel=True, cache=True)
+def _attention_rows_cpu(q, k, v, causal, window, scale, out):
+    B, T, H, D = q.shape
+    S, G = k.shape[1], k.shape[2]
+    group = H // G
+    for row in numba.prange(B * T * H):
+        b, t, h = row // (T * H), (row // H) % T, row % H
+        g = h // group
+        p = S - T + t                                   # absolute position of this query
+        hi = p + 1 if causal else S                     # keys [lo, hi)
+        lo = max(0, p - window + 1) if window > 0 else 0
+        m = -np.inf                                     # running max of scores
+        l = 0.0                                         # running sum of exp(score - m)
+        acc = np.zeros(D)                               # running sum of exp(score - m) * v
+        for s in range(lo, hi):
+            score = 0.0
+            for d in range(D):
+                score += q[b, t, h, d] * k[b, s, g, d]
+            score *= scale
+            m_new = max(m, score)
+            correction = math.exp(m - m_new)            # rescale what was summed under the old max
+            weight = math.exp(score - m_new)
+            l = l * correction + weight
+            for d in range(D):
+                acc[d] = acc[d] * correction + weight * v[b, s, g, d]
+            m = m_new
+        for d in range(D):
+            out[b, t, h, d] = acc[d] / l
+
+
+@register("attention", "numba")
+def attention_numba(q, k, v, *, causal=True, window=None, scale=None):
+    """numba CPU attention; float32 or float64 CPU tensors."""
+    _, scale, window_arg, out = _prepare(q, k, v, causal, window, scale, "numba", (torch.float32, torch.float64))
+    _attention_rows_cpu(numpy_view(q), numpy_view(k), numpy_view(v), bool(causal), window_arg, scale,
+                        numpy_view(out))
+    return out
+
+
+# ---------------------------------------------------------------- numba CUDA
+
+@cuda.jit
+def _attention_v1_thread_per_row(q, k, v, causal, window, scale, out):
+    B, T, H, D = q.shape
+    S, G = k.shape[1], k.shape[2]
+    row = cuda.grid(1)
+    if row >= B * T * H:
+        return
+    b, t, h = row // (T * H), (row // H) % T, row % H
+    g = h // (H // G)
+    p = S - T + t
+    hi = p + 1 if causal else S
+    lo = max(0, p - window + 1) if window > 0 else 0
+    acc = cuda.local.array(MAX_HEAD_DIM, numba.float32)
+    for d in range(D):
+        acc[d] = 0.0
+    m = -math.inf
+    l = numba.float32(0.0)
+    for s in range(lo, hi):
+        score = numba.float32(0.0)
+        for d in range(D):
+            score += q[b, t, h, d] * k[b, s, g, d]
+        score *= scale
+        m_new = max(m, score)
+        correction = math.exp(m - m_new)
+        weight = math.exp(score - m_new)
+        l = l * correction + weight
+        for d in range(D):
+            acc[d] = acc[d] * correction + weight * v[b, s, g, d]
+        m = m_new
+    for d in range(D):
+        out[b, t, h, d] = acc[d] / l
+
+
+@register("attention", "numba_cuda")
+def attention_numba_cuda(q, k, v, *, causal=True, window=None, scale=None):
+    """numba CUDA attention, v1: one thread per query row. float32."""
+    (B, T, H, _, _, _), scale, window_arg, out = _prepare(q, k, v, causal, window, scale, "numba_cuda",
+                                                         (torch.float32,))
+    threads = 32 if cuda_simulator_enabled() else 128
+    rows = B * T * H
+    _attention_v1_thread_per_row[(rows + threads - 1) // threads, threads, numba_cuda_stream()](
+        numba_cuda_view(q), numba_cuda_view(k), numba_cuda_view(v), bool(causal), window_arg,
+        np.float32(scale), numba_cuda_view(out))
+    return out
+
+
+# ---------------------------------------------------------------- CuPy raw CUDA
+
+CU_SOURCE = Path(__file__).with_name("attention.cu")
+
+
+@functools.cache
+def _cupy_module():
+    import cupy
+    return cupy.RawModule(code=CU_SOURCE.read_text(), options=("-std=c++17",))
+
+
+@register("attention", "cupy")
+def attention_cupy(q, k, v, *, causal=True, window=None, scale=None):
+    """CuPy attention: one thread per query row (attention.cu). float32 CUDA tensors."""
+    (B, T, H, S, G, D), scale, window_arg, out = _prepare(q, k, v, causal, window, scale, "cupy", (torch.float32,))
+    kernel = _cupy_module().get_function("attention_row_per_thread")
+    rows, threads = B * T * H, 128
+    with cupy_stream():
+        kernel(((rows + threads - 1) // threads,), (threads,),
+               (cupy_view(q), cupy_view(k), cupy_view(v), cupy_view(out),
+                np.int32(B), np.int32(T), np.int32(H), np.int32(S), np.int32(G), np.int32(D),
+                np.int32(bool(causal)), np.int32(window_arg), np.float32(scale)))
+    return out
