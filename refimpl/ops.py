@@ -37,6 +37,11 @@ def _expect_float(name: str, t: torch.Tensor) -> None:
         _fail(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors are promoted for reductions; fp32 and fp64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 # ----------------------------------------------------------------------------
 # RMSNorm  (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization", arXiv:1910.07467)
 # ----------------------------------------------------------------------------
@@ -60,7 +65,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     x: [..., C], weight: [C] -> y: [..., C] (x's dtype; the mean is taken in fp32 or better).
     """
     check_rms_norm_args(x, weight, eps)
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    xf = _at_least_fp32(x)
     inv_rms = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)  # [..., 1]
     return (xf * inv_rms).to(x.dtype) * weight
 
@@ -130,7 +135,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     scores = torch.einsum("bthd,bshd->bhts", q, k) * scale     # [B, H, T, S]
     allowed = attention_mask(T, S, causal, window, device=q.device)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # [B, H, T, S]
+    probs = torch.softmax(_at_least_fp32(scores), dim=-1).to(q.dtype)  # [B, H, T, S]
     return torch.einsum("bhts,bshd->bthd", probs, v)           # [B, T, H, D]
 
 

@@ -1,0 +1,21 @@
+"""Test-wide set-up: the `ci` profile for notebooks, and numba's CUDA simulator where there is no GPU."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Notebooks run by nbmake inherit this environment: small and fast, figures kept out of the tree.
+os.environ.setdefault("BOOK_PROFILE", "ci")
+os.environ.setdefault("BOOK_OUTPUT_DIR", str(ROOT / "build" / "ci"))
+
+import kernels  # noqa: E402  (decides numba's CUDA target: the simulator when no GPU is present)
+
+# The simulator runs each CUDA thread as a Python thread; frequent switches make syncthreads fast.
+if kernels.cuda_simulator_enabled():
+    sys.setswitchinterval(1e-4)
+
+requires_gpu = pytest.mark.skipif(not kernels.has_cuda_gpu(), reason="needs a CUDA GPU; this machine has none")
