@@ -1,0 +1,143 @@
+"""The shared blocks and the baseline: equivalences that teach, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.check import assert_close, random_tensor
+from refimpl import ops
+from refimpl.baseline import BaselineConfig, BaselineLM
+from refimpl.blocks import GroupedQueryAttention, KVCache, RMSNorm, SwiGLU, TopKMoE, apply_rope, rope_tables
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_rms_norm_matches_torch_builtin():
+    x, w = random_tensor((3, 5, 60), generator=_gen()), random_tensor((60,), generator=_gen(1))
+    assert_close(ops.rms_norm(x, w, 1e-6), F.rms_norm(x, (60,), w, eps=1e-6), "rms_norm vs F.rms_norm")
+    assert RMSNorm(60).eps == 1e-6
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    g = _gen(2)
+    q, k = random_tensor((1, 1, 1, 16), generator=g), random_tensor((1, 1, 1, 16), generator=g)
+
+    def score(pos_q, pos_k):
+        cq, sq = rope_tables(torch.tensor([pos_q]), 16)
+        ck, sk = rope_tables(torch.tensor([pos_k]), 16)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+
+    assert math.isclose(score(7, 3), score(104, 100), rel_tol=1e-5)
+    assert not math.isclose(score(7, 3), score(7, 4), rel_tol=1e-3)
+
+
+def _mha(q, k, v, causal=True):
+    """Plain multi-head attention via PyTorch's own SDPA: one KV head per query head."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+    return out.transpose(1, 2)
+
+
+def test_gqa_with_groups_equal_to_heads_is_multi_head_attention():
+    g = _gen(3)
+    q, k, v = (random_tensor((2, 11, 4, 8), generator=g) for _ in range(3))
+    assert_close(ops.attention(q, k, v), _mha(q, k, v), "G = H vs MHA")
+
+
+def test_gqa_equals_mha_with_each_kv_head_repeated():
+    g = _gen(4)
+    q = random_tensor((2, 11, 6, 8), generator=g)
+    k, v = random_tensor((2, 11, 2, 8), generator=g), random_tensor((2, 11, 2, 8), generator=g)
+    expected = _mha(q, k.repeat_interleave(3, dim=2), v.repeat_interleave(3, dim=2))
+    assert_close(ops.attention(q, k, v), expected, "GQA vs MHA with repeated KV")
+
+
+@pytest.mark.parametrize("window", [13, 14, 100], ids=["W=T", "W=T+1", "W>>T"])
+def test_window_covering_the_sequence_is_full_attention(window):
+    g = _gen(5)
+    q, k, v = random_tensor((1, 13, 4, 8), generator=g), random_tensor((1, 13, 2, 8), generator=g), random_tensor((1, 13, 2, 8), generator=g)
+    assert_close(ops.attention(q, k, v, window=window), ops.attention(q, k, v), f"window={window}")
+
+
+def test_narrow_window_differs_from_full_attention():
+    g = _gen(6)
+    q, k, v = (random_tensor((1, 13, 2, 8), generator=g) for _ in range(3))
+    assert not torch.allclose(ops.attention(q, k, v, window=4), ops.attention(q, k, v))
+
+
+def test_moe_with_one_expert_and_top1_is_the_dense_swiglu():
+    torch.manual_seed(0)
+    moe, dense = TopKMoE(16, 40, n_experts=1, top_k=1), SwiGLU(16, 40)
+    with torch.no_grad():
+        dense.gate.weight.copy_(moe.w_gate[0].T)
+        dense.up.weight.copy_(moe.w_up[0].T)
+        dense.down.weight.copy_(moe.w_down[0].T)
+    x = random_tensor((3, 7, 16), generator=_gen(7))
+    assert_close(moe(x), dense(x), "MoE(E=1, k=1) vs SwiGLU")
+    assert math.isclose(moe.aux_loss.item(), 1.0, rel_tol=1e-6)  # one expert is perfectly balanced
+
+
+def test_moe_dispatch_combine_roundtrip_is_identity():
+    g = _gen(8)
+    x = random_tensor((9, 5), generator=g)
+    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(9)])
+    x_sorted, offsets, slot = ops.moe_dispatch(x, index, 4)
+    assert offsets.tolist() == [0] + torch.bincount(index.flatten(), minlength=4).cumsum(0).tolist()
+    for e in range(4):  # each expert's rows hold exactly the tokens that chose it, in token order
+        tokens = (index == e).any(dim=1).nonzero().flatten()
+        assert_close(x_sorted[offsets[e]:offsets[e + 1]], x[tokens], f"expert {e}")
+    assert_close(ops.moe_combine(x_sorted, slot, torch.full((9, 2), 0.5)), x, "combine(dispatch(x)) with weights 1/2")
+
+
+def test_moe_statistics_and_balance_loss_gradient():
+    torch.manual_seed(1)
+    moe = TopKMoE(8, 16, n_experts=4, top_k=2)
+    y = moe(random_tensor((32, 8), generator=_gen(9)))
+    stats = moe.last_stats
+    assert stats["tokens_per_expert"].sum() == 64 and stats["tokens_per_expert"].shape == (4,)
+    (y.sum() + moe.aux_loss).backward()
+    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("window", [None, 5], ids=["full", "window5"])
+@pytest.mark.parametrize("n_experts", [0, 3], ids=["dense", "moe"])
+def test_cached_decoding_equals_the_parallel_forward(window, n_experts):
+    torch.manual_seed(2)
+    model = BaselineLM(BaselineConfig.preset("tiny", window=window, n_experts=n_experts)).eval()
+    idx = torch.randint(0, 256, (2, 12), generator=_gen(10))
+    full, _ = model(idx)
+    caches = [KVCache() for _ in model.blocks]
+    prefix, _ = model(idx[:, :4], caches=caches)                 # a 4-token prompt, then one token at a time
+    steps = [prefix] + [model(idx[:, t:t + 1], caches=caches)[0] for t in range(4, 12)]
+    assert_close(torch.cat(steps, dim=1), full, "cached decoding vs parallel forward")
+    if window is not None:
+        assert caches[0].k.shape[1] == window                    # the cache stays bounded
+
+
+def test_generate_extends_the_prompt():
+    torch.manual_seed(3)
+    model = BaselineLM(BaselineConfig.preset("tiny")).eval()
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), 5, generator=_gen(11))
+    assert out.shape == (1, 8) and out[:, :3].eq(0).all()
+
+
+def test_bad_configs_are_value_errors():
+    with pytest.raises(ValueError, match="top_k must be in"):
+        TopKMoE(8, 16, n_experts=4, top_k=5)
+    with pytest.raises(ValueError, match="top_k=5 must be in"):
+        BaselineConfig.preset("tiny", n_experts=4, top_k=5)
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        GroupedQueryAttention(32, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        GroupedQueryAttention(32, n_heads=4, n_kv_heads=2, window=0)
+    with pytest.raises(ValueError, match="unknown preset"):
+        BaselineConfig.preset("huge")
+    with pytest.raises(ValueError, match=r"weight must have shape \[C\]"):
+        ops.rms_norm(torch.randn(2, 8), torch.randn(7))
+    with pytest.raises(ValueError, match="idx as an int tensor"):
+        BaselineLM(BaselineConfig.preset("tiny"))(torch.randn(2, 4))
