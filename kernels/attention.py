@@ -168,3 +168,14 @@ def attention_cupy(q, k, v, *, causal=True, window=None, scale=None):
                 np.int32(B), np.int32(T), np.int32(H), np.int32(S), np.int32(G), np.int32(D),
                 np.int32(bool(causal)), np.int32(window_arg), np.float32(scale)))
     return out
+
+
+def example_inputs(size: str, device="cpu", generator=None) -> dict:
+    """{op: (args, kwargs)} at a named size: `tiny` (simulator-friendly) or `small` (the small preset)."""
+    from kernels.check import random_tensor
+    B, T, H, G, D = {"tiny": (1, 9, 2, 1, 8), "small": (16, 128, 4, 2, 32)}[size]
+    q = random_tensor((B, T, H, D), device=device, generator=generator)
+    k = random_tensor((B, T, G, D), device=device, generator=generator)
+    v = random_tensor((B, T, G, D), device=device, generator=generator)
+    return {"attention": ((q, k, v), {"causal": True, "window": None}),
+            "attention (sliding window)": ((q, k, v), {"causal": True, "window": min(32, T - 1)})}

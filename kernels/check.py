@@ -14,7 +14,8 @@ import torch
 
 from kernels.tensors import poisoned_outputs
 
-__all__ = ["TOLERANCES", "Comparison", "compare", "assert_close", "poisoned_outputs", "random_tensor"]
+__all__ = ["TOLERANCES", "Comparison", "compare", "assert_close", "poisoned_outputs", "random_tensor",
+           "example_inputs", "check_backend"]
 
 #: dtype -> (atol, rtol), and why.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -107,3 +108,36 @@ def random_tensor(shape, dtype=torch.float32, device="cpu", generator: torch.Gen
     """A fresh standard-normal draw (never zeros: zeros hide indexing bugs)."""
     t = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
     return t.to(dtype=dtype, device=device)
+
+
+def example_inputs(size: str = "tiny", device="cpu", seed: int = 0) -> dict:
+    """Every shared op's example inputs, {case name: (op, args, kwargs)}, at `tiny` or `small` size."""
+    from kernels import attention, moe, rmsnorm
+    if size not in ("tiny", "small"):
+        raise ValueError(f"example size must be 'tiny' or 'small', got {size!r}")
+    generator = torch.Generator().manual_seed(seed)
+    cases = {}
+    for module in (rmsnorm, attention, moe):
+        for case, (args, kwargs) in module.example_inputs(size, "cpu", generator).items():
+            args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+            cases[case] = (case.split(" ")[0], args, kwargs)
+    return cases
+
+
+def check_backend(backend: str, size: str = "tiny", device="cpu", seed: int = 0) -> list[Comparison]:
+    """Run `backend`'s kernel for every example case against the reference, outputs poisoned.
+
+    Ops returning several tensors give one Comparison per output (named op[i]).
+    """
+    from kernels.registry import get
+    results = []
+    with torch.no_grad():
+        for case, (op, args, kwargs) in example_inputs(size, device, seed).items():
+            expected = get(op, "reference")(*args, **kwargs)
+            with poisoned_outputs():
+                got = get(op, backend)(*args, **kwargs)
+            if isinstance(expected, tuple):
+                results += [compare(g, e, f"{case}[{i}]") for i, (g, e) in enumerate(zip(got, expected))]
+            else:
+                results.append(compare(got, expected, case))
+    return results

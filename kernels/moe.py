@@ -234,3 +234,16 @@ def moe_combine_cupy(expert_out, slot, weight):
             (N,), (128,), (cupy_view(expert_out), cupy_view(slot64), cupy_view(weight), cupy_view(out),
                            np.int32(C), np.int32(k)))
     return out
+
+
+def example_inputs(size: str, device="cpu", generator=None) -> dict:
+    """{op: (args, kwargs)} at a named size: `tiny` (simulator-friendly) or `small` (the small preset, 4 experts, top-2)."""
+    from kernels.check import random_tensor
+    N, C, E, k = {"tiny": (9, 12, 3, 2), "small": (16 * 128, 128, 4, 2)}[size]
+    x = random_tensor((N, C), device=device, generator=generator)
+    scores = random_tensor((N, E), device=device, generator=generator)
+    index = scores.topk(k, dim=-1).indices                     # [N, k] distinct experts per token
+    _, _, slot = ops.moe_dispatch(x, index, E)
+    expert_out = random_tensor((N * k, C), device=device, generator=generator)
+    weight = torch.softmax(random_tensor((N, k), device=device, generator=generator), dim=-1)
+    return {"moe_dispatch": ((x, index, E), {}), "moe_combine": ((expert_out, slot, weight), {})}

@@ -168,3 +168,12 @@ def rms_norm_cupy(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> t
 
 
 CUPY_LADDER = {"block_per_row": rms_norm_cupy_block, "warp_shuffle": rms_norm_cupy}
+
+
+def example_inputs(size: str, device="cpu", generator=None) -> dict:
+    """{op: (args, kwargs)} at a named size: `tiny` (simulator-friendly) or `small` (the small preset)."""
+    from kernels.check import random_tensor
+    shape = {"tiny": (3, 60), "small": (16 * 128, 128)}[size]
+    x = random_tensor(shape, device=device, generator=generator)
+    w = random_tensor(shape[-1:], device=device, generator=generator)
+    return {"rms_norm": ((x, w), {"eps": 1e-6})}

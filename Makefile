@@ -1,0 +1,41 @@
+# The book's three commands. Each one sets up the environment first if it is missing.
+#   make book   execute every chapter (profile `small`) into build/book, regenerate figures/, summarise metrics
+#   make test   unit tests, kernel checks, and every notebook in the `ci` profile (CI runs exactly this)
+#   make lab    JupyterLab on 127.0.0.1 with a token, in the project's environment
+
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(CURDIR)/$(VENV)/bin
+STAMP   := $(VENV)/.installed
+PROFILE ?= small
+PORT    ?= 8888
+
+# Notebook kernels are started as `python` from PATH: make it the environment's.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: book test lab env benchmark clean
+
+env: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -e .
+	@touch $@
+
+book: $(STAMP)
+	$(BIN)/python -m refimpl.book --profile $(PROFILE)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lab: $(STAMP)
+	@token=$$($(BIN)/python -c "import secrets; print(secrets.token_hex(16))"); \
+	echo "Open http://127.0.0.1:$(PORT)/lab?token=$$token"; \
+	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --IdentityProvider.token=$$token --notebook-dir=notebooks
+
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/shared_blocks.py
+
+clean:
+	rm -rf build .pytest_cache

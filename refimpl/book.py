@@ -1,0 +1,167 @@
+"""The book's plumbing: profiles, where figures and metrics go, and `make book`.
+
+Notebooks call the helpers here so they hold only the story:
+
+    PROFILE = book.profile()                       # "ci" | "small" | "gpu", from BOOK_PROFILE
+    book.save_figure(fig, "00_overview", "loss")   # figures/00_overview/loss.png (atomically)
+    book.write_metrics("00_overview", {...})       # figures/00_overview/metrics.json
+
+Figures and metrics land under the repository's `figures/` unless
+BOOK_OUTPUT_DIR points elsewhere (the test suite points it into build/, so
+running the tests never rewrites the committed figures).
+
+`python -m refimpl.book [--profile small]` executes every chapter notebook
+with papermill into build/book/ and writes build/book/summary.md, a one-page
+table of every chapter's metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+from refimpl.io import read_json, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = ("ci", "small", "gpu")
+
+
+def profile(default: str = "small") -> str:
+    """The run profile: BOOK_PROFILE if set, else `default`; refuses unknown names."""
+    name = os.environ.get("BOOK_PROFILE", default)
+    return check_profile(name)
+
+
+def check_profile(name: str) -> str:
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {PROFILES}")
+    return name
+
+
+def output_root() -> Path:
+    """Where figures/ and metrics are written: BOOK_OUTPUT_DIR, or the repository root."""
+    root = os.environ.get("BOOK_OUTPUT_DIR")
+    return Path(root).resolve() if root else ROOT
+
+
+def figures_dir(chapter: str) -> Path:
+    path = output_root() / "figures" / chapter
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_figure(fig, chapter: str, name: str, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as figures/<chapter>/<name>.png, atomically."""
+    path = figures_dir(chapter) / f"{name}.png"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_metrics(chapter: str, metrics: dict, run_profile: str) -> Path:
+    """Write figures/<chapter>/metrics.json: the chapter's measured numbers plus how they were made."""
+    import torch
+
+    record = {
+        "chapter": chapter,
+        "profile": check_profile(run_profile),
+        "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "platform": platform.platform(terse=True), "cpus": os.cpu_count(),
+                    "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "metrics": metrics,
+    }
+    return write_json(figures_dir(chapter) / "metrics.json", record)
+
+
+def read_metrics(chapter: str) -> dict:
+    return read_json(output_root() / "figures" / chapter / "metrics.json")
+
+
+def chapters() -> list[Path]:
+    """The chapter notebooks, in reading order."""
+    return sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+# ----------------------------------------------------------------------------
+# make book
+# ----------------------------------------------------------------------------
+
+def _flatten(prefix: str, value, rows: list[tuple[str, str]]) -> None:
+    if isinstance(value, dict):
+        for key in sorted(value):
+            _flatten(f"{prefix}.{key}" if prefix else key, value[key], rows)
+    elif isinstance(value, float):
+        rows.append((prefix, f"{value:.4g}"))
+    elif isinstance(value, (list, tuple)) and len(value) > 8:
+        rows.append((prefix, f"[{len(value)} values]"))
+    else:
+        rows.append((prefix, str(value)))
+
+
+def summarise(build_dir: Path) -> Path:
+    """One page: every chapter's metrics.json as a table, written to build_dir/summary.md."""
+    lines = ["# The book: what every chapter measured", ""]
+    for notebook in chapters():
+        chapter = notebook.stem
+        lines.append(f"## {chapter}")
+        try:
+            record = read_metrics(chapter)
+        except FileNotFoundError:
+            lines += ["", "_no metrics.json: the notebook did not finish_", ""]
+            continue
+        lines += ["", f"profile `{record['profile']}`, written {record['written']}", "",
+                  "| metric | value |", "|---|---|"]
+        rows: list[tuple[str, str]] = []
+        _flatten("", record["metrics"], rows)
+        lines += [f"| {k} | {v} |" for k, v in rows] + [""]
+    path = build_dir / "summary.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from refimpl.io import atomic_write_bytes
+    return atomic_write_bytes(path, "\n".join(lines).encode())
+
+
+def run_book(run_profile: str, build_dir: Path) -> int:
+    """Execute every chapter with papermill into build_dir/notebooks; return the number that failed."""
+    import papermill
+
+    check_profile(run_profile)
+    out_dir = build_dir / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for notebook in chapters():
+        print(f"== {notebook.name} (profile {run_profile})", flush=True)
+        try:
+            papermill.execute_notebook(str(notebook), str(out_dir / notebook.name), parameters={"PROFILE": run_profile},
+                                       cwd=str(notebook.parent), progress_bar=False, kernel_name="python3")
+        except Exception as err:  # papermill raises its own error types; report and go on to the next chapter
+            print(f"!! {notebook.name} failed: {type(err).__name__}: {str(err)[:2000]}", flush=True)
+            failed.append(notebook.name)
+    summary = summarise(build_dir)
+    print(f"executed notebooks in {out_dir}; summary in {summary}")
+    if failed:
+        print(f"{len(failed)} chapter(s) failed: {', '.join(failed)}")
+    return len(failed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Execute every chapter notebook and summarise their metrics.")
+    parser.add_argument("--profile", default=os.environ.get("BOOK_PROFILE", "small"), choices=PROFILES)
+    parser.add_argument("--build-dir", default=str(ROOT / "build" / "book"))
+    args = parser.parse_args(argv)
+    return 1 if run_book(args.profile, Path(args.build_dir)) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
