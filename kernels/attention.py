@@ -5,7 +5,7 @@ Query t sits at position p = S - T + t; it reads keys s with lo <= s <= p, where
 lo = 0 for full attention and lo = max(0, p - W + 1) with a window of W.
 Query head h reads key/value head h // (H / G).
 
-Every version here is "one query row at a time, online softmax" (Milakov &
+The GPU versions are "one query row at a time, online softmax" (Milakov &
 Gimelshein 2018, "Online normalizer calculation for softmax", arXiv:1805.02867;
 the idea inside FlashAttention, Dao et al. 2022, arXiv:2205.14135): walk the
 keys once, keeping the running max m, the running denominator l and the
@@ -13,7 +13,10 @@ running weighted sum of values, rescaling both by exp(m_old - m_new) whenever
 the max grows. No [T, S] score matrix is ever stored.
 
 The ladder
-    numba       one CPU thread per (b, t, h) row (prange over B*T*H rows)
+    numba       a CPU thread per (b, h) pair (prange), its queries one after another in two
+                passes over the keys: scores and their max into a scratch row, then one exp
+                per key (the online form needs two). The output row is the accumulator;
+                fastmath lets LLVM vectorise the D-long loops.
     numba_cuda  v1 (registered): one GPU thread per row, the output row accumulated in a
                 thread-local array of MAX_HEAD_DIM floats. Simple; each thread re-reads
                 K and V, and neighbouring threads' reads are not coalesced.
@@ -58,34 +61,37 @@ def _prepare(q, k, v, causal, window, scale, backend, dtypes):
 
 # ---------------------------------------------------------------- numba (CPU)
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, fastmath=True, cache=True)
 def _attention_rows_cpu(q, k, v, causal, window, scale, out):
     B, T, H, D = q.shape
     S, G = k.shape[1], k.shape[2]
     group = H // G
-    for row in numba.prange(B * T * H):
-        b, t, h = row // (T * H), (row // H) % T, row % H
+    for pair in numba.prange(B * H):                    # one (batch, head) pair per task
+        b, h = pair // H, pair % H
         g = h // group
-        p = S - T + t                                   # absolute position of this query
-        hi = p + 1 if causal else S                     # keys [lo, hi)
-        lo = max(0, p - window + 1) if window > 0 else 0
-        m = -np.inf                                     # running max of scores
-        l = 0.0                                         # running sum of exp(score - m)
-        acc = np.zeros(D)                               # running sum of exp(score - m) * v
-        for s in range(lo, hi):
-            score = 0.0
+        scores = np.empty(S, dtype=q.dtype)             # scratch, reused by every query of the pair
+        zero = q.dtype.type(0.0)                        # accumulate in the inputs' precision (vectorises)
+        for t in range(T):
+            p = S - T + t                               # absolute position of this query
+            hi = p + 1 if causal else S                 # keys [lo, hi)
+            lo = max(0, p - window + 1) if window > 0 else 0
+            m = -np.inf
+            for s in range(lo, hi):                     # pass 1: scores and their max
+                score = zero
+                for d in range(D):
+                    score += q[b, t, h, d] * k[b, s, g, d]
+                scores[s] = score * scale
+                m = max(m, scores[s])
+            acc = out[b, t, h]                          # the output row doubles as the accumulator
+            acc[:] = 0.0
+            l = 0.0
+            for s in range(lo, hi):                     # pass 2: one exp per key, weighted sum of values
+                weight = math.exp(scores[s] - m)
+                l += weight
+                for d in range(D):
+                    acc[d] += weight * v[b, s, g, d]
             for d in range(D):
-                score += q[b, t, h, d] * k[b, s, g, d]
-            score *= scale
-            m_new = max(m, score)
-            correction = math.exp(m - m_new)            # rescale what was summed under the old max
-            weight = math.exp(score - m_new)
-            l = l * correction + weight
-            for d in range(D):
-                acc[d] = acc[d] * correction + weight * v[b, s, g, d]
-            m = m_new
-        for d in range(D):
-            out[b, t, h, d] = acc[d] / l
+                acc[d] /= l
 
 
 @register("attention", "numba")

@@ -88,15 +88,16 @@ def _gather_rows_cpu(x, source, out):
         out[r, :] = x[source[r], :]
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, fastmath=True, cache=True)
 def _combine_rows_cpu(expert_out, slot, weight, out):
     N, k = slot.shape
     for n in numba.prange(N):
-        for c in range(out.shape[1]):
-            acc = 0.0
-            for j in range(k):
-                acc += weight[n, j] * expert_out[slot[n, j], c]
-            out[n, c] = acc
+        row = out[n]
+        row[:] = 0.0
+        for j in range(k):                          # add whole expert rows: contiguous, vectorised
+            w, source = weight[n, j], slot[n, j]
+            for c in range(row.shape[0]):
+                row[c] += w * expert_out[source, c]
 
 
 @register("moe_dispatch", "numba")

@@ -22,10 +22,9 @@ import datetime as dt
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
-from refimpl.io import read_json, write_json
+from refimpl.io import atomic_write_bytes, read_json, save_figure_atomically, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ("ci", "small", "gpu")
@@ -57,16 +56,7 @@ def figures_dir(chapter: str) -> Path:
 
 def save_figure(fig, chapter: str, name: str, dpi: int = 110) -> Path:
     """Save a matplotlib figure as figures/<chapter>/<name>.png, atomically."""
-    path = figures_dir(chapter) / f"{name}.png"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_figure_atomically(fig, figures_dir(chapter) / f"{name}.png", dpi=dpi, bbox_inches="tight")
 
 
 def write_metrics(chapter: str, metrics: dict, run_profile: str) -> Path:
@@ -128,7 +118,6 @@ def summarise(build_dir: Path) -> Path:
         lines += [f"| {k} | {v} |" for k, v in rows] + [""]
     path = build_dir / "summary.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    from refimpl.io import atomic_write_bytes
     return atomic_write_bytes(path, "\n".join(lines).encode())
 
 

@@ -41,3 +41,12 @@ def read_json(path: str | os.PathLike):
         raise FileNotFoundError(f"{path} does not exist; run the code that writes it first") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+def save_figure_atomically(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
+    """Render a matplotlib figure to PNG in memory, then write it atomically."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **savefig_kwargs)
+    return atomic_write_bytes(path, buffer.getvalue())

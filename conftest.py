@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parent
 
 # Notebooks run by nbmake inherit this environment: small and fast, figures kept out of the tree.
 os.environ.setdefault("BOOK_PROFILE", "ci")

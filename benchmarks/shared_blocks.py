@@ -1,0 +1,202 @@
+"""Benchmark the shared blocks' kernels against the reference ops, at the `small` preset's shapes.
+
+    python benchmarks/shared_blocks.py                  # CPU: numba vs reference, torch.compile, eager built-ins
+    python benchmarks/shared_blocks.py --device cuda    # GPU: numba_cuda and cupy
+    python benchmarks/shared_blocks.py --quick          # fewer runs (smoke test)
+
+Cases (the `small` preset: d_model C = 128, H = 4 heads, G = 2 kv heads, D = 32, T = 128, B = 16;
+MoE with E = 4 experts, top-2, so N = B * T = 2048 tokens):
+    rms_norm                       x [B, T, C], weight [C]
+    attention (causal GQA)         q [B, T, H, D], k, v [B, T, G, D]
+    attention (window 32)          the same, each query seeing itself and the 31 keys before it
+    moe_dispatch                   x [N, C], expert_index [N, 2] (distinct experts per token)
+    moe_combine                    expert_out [2N, C], slot [N, 2], weight [N, 2]
+
+Every variant passes the correctness gate first (kernels.bench.benchmark_op), then is timed on
+the same inputs in this process. The machine's ceilings (copy bandwidth, matmul FLOP/s) and
+provenance are recorded alongside. Writes benchmarks/results/shared_blocks_<device>.json and
+figures/benchmarks/shared_blocks_<device>.png, and prints a table.
+
+Backends: on the CPU only `numba` (numba_cuda would run on the CUDA simulator, which is a
+correctness tool, not a timing target; cupy needs a GPU); on CUDA `numba_cuda` and `cupy`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import kernels  # noqa: E402  (first: decides numba's CUDA target)
+from kernels.bench import benchmark_op, measure_ceilings, plot_ratios, provenance  # noqa: E402
+from kernels.check import example_inputs  # noqa: E402
+from refimpl import ops  # noqa: E402
+from refimpl.baseline import PRESETS  # noqa: E402
+from refimpl.io import write_json  # noqa: E402
+
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+FIGURES_DIR = ROOT / "figures" / "benchmarks"
+BACKENDS = {"cpu": ["numba"], "cuda": ["numba_cuda", "cupy"]}
+
+# The `small` preset's shapes, as `kernels.check.example_inputs("small")` builds them.
+PRESET = PRESETS["small"]
+B, T = 16, PRESET.max_seq_len                                   # batch 16, seq_len 128
+C, H, G, D = PRESET.d_model, PRESET.n_heads, PRESET.n_kv_heads, PRESET.head_dim
+E, TOP_K = 4, 2                                                 # the MoE variant of the small preset
+N = B * T
+WINDOW = 32
+
+
+# ---------------------------------------------------------------- inputs: make_inputs(device, seed) -> (args, kwargs)
+
+def case_inputs(case: str):
+    """The inputs of one of `kernels.check.example_inputs("small")`'s cases (the ones the tests check)."""
+    def make(device: str, seed: int):
+        _, args, kwargs = example_inputs("small", device, seed=1000 + seed)[case]
+        return args, kwargs
+    return make
+
+
+# ---------------------------------------------------------------- eager PyTorch built-ins, with the ops' signatures
+
+def builtin_rms_norm(x, weight, eps=1e-6):
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+@functools.cache
+def _allowed(T_: int, S: int, window: int | None, device: str) -> torch.Tensor:
+    # Built once per shape, as a model would build it once per forward and share it across layers.
+    return ops.attention_mask(T_, S, True, window, device=device)
+
+
+def builtin_attention(q, k, v, *, causal=True, window=None, scale=None):
+    """F.scaled_dot_product_attention in its [B, heads, T, D] layout, GQA via enable_gqa."""
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    T_, S = q.shape[1], k.shape[1]
+    if causal and window is None and T_ == S:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        mask = _allowed(T_, S, window, q.device.type) if causal else None
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def attention_flops(window: int | None) -> int:
+    """Useful FLOP: 2 D for q.k and 2 D for p.v per allowed (query, key) pair, per head and batch row."""
+    pairs = int(ops.attention_mask(T, T, True, window).sum())
+    return 4 * D * pairs * H * B
+
+
+CASES = [
+    # (label, op, make_inputs, eager built-in, flops)
+    ("rms_norm", "rms_norm", case_inputs("rms_norm"), builtin_rms_norm, None),
+    ("attention (causal GQA)", "attention", case_inputs("attention"), builtin_attention, attention_flops(None)),
+    (f"attention (window {WINDOW})", "attention", case_inputs("attention (sliding window)"), builtin_attention,
+     attention_flops(WINDOW)),
+    ("moe_dispatch", "moe_dispatch", case_inputs("moe_dispatch"), None, None),
+    ("moe_combine", "moe_combine", case_inputs("moe_combine"), None, None),
+]
+BUILTIN_NAMES = {"rms_norm": "torch.nn.functional.rms_norm",
+                 "attention": "torch.nn.functional.scaled_dot_product_attention (enable_gqa)"}
+
+
+# ---------------------------------------------------------------- run
+
+def missing_kernels(device: str) -> list[str]:
+    """'op: backend' for every kernel this benchmark needs that is not registered."""
+    have = kernels.registered()
+    needed = ["reference"] + BACKENDS[device]
+    return [f"{op}: {backend}" for op in dict.fromkeys(case[1] for case in CASES)
+            for backend in needed if backend not in have.get(op, [])]
+
+
+def print_table(results: list[dict], ceilings: dict) -> None:
+    copy = ceilings["copy"]
+    mm = ceilings["matmul_fp32"]
+    print(f"\nceilings: copy {copy['value']:.1f} {copy['unit']}, fp32 matmul {mm['value']:.1f} {mm['unit']}")
+    header = f"{'case':<24} {'variant':<15} {'median':>11} {'p10-p90':>19} {'vs ref':>8} {'vs compile':>10} {'% copy BW':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        for name, v in r["variants"].items():
+            if v["timing"] is None:
+                why = v["gate"]["error"] or "; ".join(c["message"] for c in v["gate"]["comparisons"] if not c["passed"])
+                print(f"{r['label']:<24} {name:<15} FAILED GATE, not timed: {why[:80]}")
+                continue
+            t = v["timing"]
+            vs_compile = v["speedup_vs_torch_compile"]
+            fraction = v.get("fraction_of_copy_bandwidth")
+            print(f"{r['label']:<24} {name:<15} {t['median_s'] * 1e6:9.1f}us "
+                  f"{t['p10_s'] * 1e6:8.1f}-{t['p90_s'] * 1e6:8.1f}us "
+                  f"{v['speedup_vs_reference']:7.2f}x "
+                  f"{'' if vs_compile is None else f'{vs_compile:9.2f}x':>10} "
+                  f"{'' if fraction is None else f'{100 * fraction:8.1f}%':>9}")
+        compiled = r["variants"].get("torch.compile")
+        if compiled and compiled.get("compile_seconds") is not None:
+            print(f"{'':<24} (torch.compile took {compiled['compile_seconds']:.1f} s to compile; not in its timing)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer timed runs and smaller ceiling measurements")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (it takes tens of seconds per op on a CPU)")
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch.cuda.is_available() is False on this machine; run with --device cpu", file=sys.stderr)
+        return 2
+    missing = missing_kernels(args.device)
+    if missing:
+        print("cannot benchmark: these kernels are not registered (importing `kernels` registers them): "
+              + ", ".join(missing) + f"\nregistered: {kernels.registered()}", file=sys.stderr)
+        return 1
+
+    timing = {"repeats": 5, "min_seconds": 0.05, "warmup": 2} if args.quick else {"repeats": 30, "min_seconds": 1.0, "warmup": 3}
+    if args.device == "cuda":
+        timing = {"repeats": 20 if args.quick else 200, "warmup": timing["warmup"]}
+
+    info = provenance()  # before the run, so its load average says how busy the machine was beforehand
+    print(f"device {args.device}; backends {BACKENDS[args.device]}; measuring ceilings ...", flush=True)
+    ceilings = measure_ceilings(args.device, quick=args.quick)
+    results = []
+    for label, op, make_inputs, builtin, flops in CASES:
+        print(f"{label} ...", flush=True)
+        results.append(benchmark_op(op, make_inputs, BACKENDS[args.device], compile=not args.no_compile,
+                                    eager_builtin=builtin, eager_builtin_name=BUILTIN_NAMES.get(op),
+                                    device=args.device, label=label, ceilings=ceilings, flops=flops, **timing))
+
+    record = {
+        "benchmark": "shared_blocks",
+        "script": "benchmarks/shared_blocks.py",
+        "settings": {"device": args.device, "quick": args.quick, "compile": not args.no_compile,
+                     "backends": BACKENDS[args.device], "preset": "small", "timing": timing,
+                     "shapes": {"B": B, "T": T, "C": C, "H": H, "G": G, "D": D, "E": E, "top_k": TOP_K, "N": N,
+                                "window": WINDOW}},
+        "provenance": info,
+        "ceilings": ceilings,
+        "results": results,
+    }
+    json_path = write_json(RESULTS_DIR / f"shared_blocks_{args.device}.json", record)
+    figure_path = FIGURES_DIR / f"shared_blocks_{args.device}.png"
+    plot_ratios(results, figure_path, provenance=info)
+
+    print_table(results, ceilings)
+    print(f"\nwrote {json_path.relative_to(ROOT)} and {figure_path.relative_to(ROOT)}")
+    failed = [f"{r['label']}: {name}" for r in results for name in r["failed"]]
+    if failed:
+        print("FAILED the correctness gate (not timed): " + ", ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,590 @@
+"""The benchmark harness: correctness first, then timing, every figure a ratio measured side by side.
+
+    result = benchmark_op("rms_norm", make_inputs, ["numba"], device="cpu",
+                          eager_builtin=my_rms_norm_adapter)
+    result["variants"]["numba"]["speedup_vs_reference"]      # > 1 means faster than refimpl.ops
+
+What is measured, and how
+    time_cpu        wall-clock time of one call (time.perf_counter), after warm-up calls
+                    that absorb JIT and compile work. Reports median, p10, p90 over many runs.
+    time_cuda       GPU time between two CUDA events around one call. Before each call a
+                    256 MiB buffer is overwritten so the L2 cache holds nothing useful, and the
+                    inputs rotate among several sets. By default the time is device time only
+                    (kernel launches queued while the GPU is busy flushing are not counted);
+                    `include_launch_overhead=True` synchronises first so host launch cost counts.
+    measure_ceilings  what this machine can do at best, measured in the same run: a large
+                    memory copy (GB/s, bytes read + written) and a large matmul (FLOP/s).
+    benchmark_op    the correctness gate (every variant against the reference op, with
+                    `kernels.check.compare`; a variant that fails is recorded and not timed),
+                    then timing of the reference, each kernel backend, `torch.compile` of the
+                    reference (compile time measured separately, excluded) and optionally an
+                    eager PyTorch built-in, on the same inputs, in the same process, forward only.
+    provenance      where and when: date, machine (no hostname), library versions, GPU.
+    plot_ratios     a bar chart of speed-ups over the reference, drawn from the results.
+
+Every result is plain data (dicts, lists, numbers, strings, None) that `refimpl.io.write_json`
+accepts: non-finite numbers are stored as None, never NaN.
+
+Does not include: backward passes (kernels are forward-only), multi-GPU, or power measurements.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import importlib.metadata
+import math
+import os
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from kernels.check import compare
+from kernels.machine import backend_status, cuda_simulator_enabled
+from kernels.registry import get
+from kernels.tensors import poisoned_outputs
+from refimpl.io import save_figure_atomically
+
+__all__ = ["Timing", "time_cpu", "time_cuda", "measure_ceilings", "provenance", "benchmark_op", "plot_ratios",
+           "results_markdown",
+           "json_safe"]
+
+L2_FLUSH_BYTES = 256 * 2**20  # larger than the L2 cache of any current NVIDIA GPU (H100: 50 MB)
+
+
+# ----------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------
+
+@dataclass
+class Timing:
+    """Summary of repeated runs of one call, in seconds."""
+    median_s: float
+    p10_s: float
+    p90_s: float
+    min_s: float
+    n: int           # timed runs (warm-up runs excluded)
+    method: str      # "perf_counter" or "cuda_events" (or "cuda_events+sync")
+
+    @classmethod
+    def from_samples(cls, seconds: list[float], method: str) -> "Timing":
+        if not seconds:
+            raise ValueError("no timed runs to summarise")
+        s = np.asarray(seconds, dtype=np.float64)
+        return cls(median_s=float(np.median(s)), p10_s=float(np.percentile(s, 10)),
+                   p90_s=float(np.percentile(s, 90)), min_s=float(s.min()), n=len(seconds), method=method)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_cpu(fn: Callable, *args, warmup: int = 3, repeats: int = 20, min_seconds: float = 0.5,
+             max_repeats: int = 100_000) -> Timing:
+    """Wall-clock time of `fn(*args)` with time.perf_counter, one call per sample.
+
+    The first `warmup` calls are not timed (numba JIT, torch.compile and caches
+    settle there). Then the call is timed at least `repeats` times, and more
+    until `min_seconds` of timed runs have passed (at most `max_repeats`).
+    The garbage collector is paused while timing, as `timeit` does.
+    On a GPU this would measure only the launch: use `time_cuda` there.
+    """
+    for _ in range(warmup):
+        fn(*args)
+    samples: list[float] = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        started = time.perf_counter()
+        while len(samples) < repeats or (time.perf_counter() - started < min_seconds and len(samples) < max_repeats):
+            t0 = time.perf_counter()
+            fn(*args)
+            samples.append(time.perf_counter() - t0)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return Timing.from_samples(samples, "perf_counter")
+
+
+def time_cuda(fn: Callable, make_args: Callable[[int], tuple], *, n_input_sets: int = 4, warmup: int = 3,
+              repeats: int = 100, flush_l2: bool = True, include_launch_overhead: bool = False) -> Timing:
+    """GPU time of `fn(*args)` from CUDA events recorded just before and just after each call.
+
+    `make_args(i)` returns the positional arguments of input set i; it is called
+    once for each of `n_input_sets` sets before timing, and the calls rotate
+    among the sets. With `flush_l2`, a 256 MiB buffer is overwritten before
+    every call (outside the timed interval) so no call finds its inputs in L2.
+    Device time only by default; `include_launch_overhead=True` synchronises
+    before each call, so the host's launch work (Python, argument conversion)
+    shows up as idle GPU time inside the interval.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("time_cuda needs a CUDA GPU, and torch.cuda.is_available() is False on this machine; "
+                           "use time_cpu to time CPU code")
+    if n_input_sets < 1:
+        raise ValueError(f"n_input_sets must be >= 1, got {n_input_sets}")
+    arg_sets = [tuple(make_args(i)) for i in range(n_input_sets)]
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda") if flush_l2 else None
+    for i in range(warmup):
+        fn(*arg_sets[i % n_input_sets])
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for i in range(repeats):
+        if flush is not None:
+            flush.zero_()
+        if include_launch_overhead:
+            torch.cuda.synchronize()
+        starts[i].record()
+        fn(*arg_sets[i % n_input_sets])
+        ends[i].record()
+    torch.cuda.synchronize()
+    samples = [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)]  # elapsed_time is in ms
+    return Timing.from_samples(samples, "cuda_events+sync" if include_launch_overhead else "cuda_events")
+
+
+# ----------------------------------------------------------------------------
+# Ceilings: the best this machine does at moving bytes and at multiplying
+# ----------------------------------------------------------------------------
+
+def _ceiling(what: str, amount: float, timing: Timing, unit: str, scale: float) -> dict:
+    per_second = amount / timing.median_s
+    return {"what": what, "value": per_second / scale, "unit": unit, "per_second": per_second,
+            "timing": timing.as_dict()}
+
+
+def measure_ceilings(device: str = "cpu", *, quick: bool = False) -> dict:
+    """Copy bandwidth and matmul throughput of `device`, for "fraction of the ceiling" figures.
+
+    cuda: a 1 GiB device-to-device copy (GB/s counts bytes read + written) and
+          square fp32 and bf16 matmuls (TFLOP/s = 2 n^3 / time), timed with time_cuda.
+          fp32 matmuls follow torch.backends.cuda.matmul.allow_tf32, which is recorded.
+    cpu:  a 256 MiB copy (GB/s, read + written) and an fp32 matmul (GFLOP/s), timed with time_cpu,
+          with torch's thread count as it is (recorded).
+    `quick` uses smaller sizes and fewer runs (for tests); the numbers are then rougher.
+    Returns {"device", "copy": {...}, "matmul_fp32": {...}[, "matmul_bf16": {...}]}; each entry
+    has value and unit (for people) and per_second (bytes/s or FLOP/s, for ratios).
+    """
+    device = torch.device(device).type
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("measure_ceilings('cuda') needs a CUDA GPU; torch.cuda.is_available() is False")
+        copy_bytes = (64 if quick else 512) * 2**20            # per buffer
+        src = torch.randn(copy_bytes // 4, device="cuda")
+        dst = torch.empty_like(src)
+        copy = time_cuda(lambda d, s: d.copy_(s), lambda i: (dst, src), n_input_sets=1, flush_l2=False,
+                         repeats=20 if quick else 50)
+        result = {"device": "cuda",
+                  "copy": _ceiling(f"dst.copy_(src), {copy_bytes // 2**20} MiB float32 each; bytes read + written",
+                                   2 * copy_bytes, copy, "GB/s", 1e9)}
+        del src, dst
+        n = 2048 if quick else 8192
+        for name, dtype in (("matmul_fp32", torch.float32), ("matmul_bf16", torch.bfloat16)):
+            a = torch.randn(n, n, device="cuda", dtype=dtype)
+            b = torch.randn(n, n, device="cuda", dtype=dtype)
+            c = torch.empty(n, n, device="cuda", dtype=dtype)
+            timing = time_cuda(lambda x, y, out: torch.mm(x, y, out=out), lambda i: (a, b, c), n_input_sets=1,
+                               flush_l2=False, repeats=10 if quick else 30)
+            result[name] = _ceiling(f"torch.mm, {n} x {n} {str(dtype).replace('torch.', '')}; 2 n^3 FLOP",
+                                    2 * n**3, timing, "TFLOP/s", 1e12)
+            del a, b, c
+        result["matmul_fp32"]["allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        return result
+    if device != "cpu":
+        raise ValueError(f"measure_ceilings: device must be 'cpu' or 'cuda', got {device!r}")
+    copy_bytes = (16 if quick else 256) * 2**20
+    src = torch.randn(copy_bytes // 4)
+    dst = torch.empty_like(src)
+    copy = time_cpu(lambda: dst.copy_(src), warmup=1, repeats=5 if quick else 20, min_seconds=0.05 if quick else 1.0)
+    n = 256 if quick else 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    c = torch.empty(n, n)
+    mm = time_cpu(lambda: torch.mm(a, b, out=c), warmup=1, repeats=5 if quick else 10,
+                  min_seconds=0.05 if quick else 1.0)
+    return {"device": "cpu", "torch_threads": torch.get_num_threads(),
+            "copy": _ceiling(f"dst.copy_(src), {copy_bytes // 2**20} MiB float32 each; bytes read + written",
+                             2 * copy_bytes, copy, "GB/s", 1e9),
+            "matmul_fp32": _ceiling(f"torch.mm, {n} x {n} float32; 2 n^3 FLOP", 2 * n**3, mm, "GFLOP/s", 1e9)}
+
+
+# ----------------------------------------------------------------------------
+# Provenance
+# ----------------------------------------------------------------------------
+
+def _version(*distributions: str) -> str | None:
+    """Installed version of the first of `distributions` that is installed, else None."""
+    for name in distributions:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _processor_name() -> str:
+    """The CPU model from /proc/cpuinfo on Linux, else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _nvidia_driver_version() -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+def provenance() -> dict:
+    """Where and when a benchmark ran: date (UTC), machine, library versions, GPU. No hostname."""
+    info = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "architecture": platform.machine(),
+                    "processor": _processor_name(), "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
+                    # other work on the machine makes timings noisy: the load when provenance was taken
+                    "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "python": platform.python_version(),
+        "versions": {"torch": torch.__version__, "numpy": np.__version__, "numba": _version("numba"),
+                     "numba-cuda": _version("numba-cuda"),
+                     "cupy": _version("cupy", "cupy-cuda12x", "cupy-cuda13x", "cupy-cuda11x")},
+        "numba_cuda_simulator": cuda_simulator_enabled(),
+        "gpu": None,
+    }
+    try:
+        import numba
+        info["machine"]["numba_threads"] = numba.config.NUMBA_NUM_THREADS
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        info["gpu"] = {"name": props.name, "compute_capability": f"{props.major}.{props.minor}",
+                       "memory_GiB": round(props.total_memory / 2**30, 1),
+                       "multiprocessors": props.multi_processor_count,
+                       "driver": _nvidia_driver_version(), "cuda_runtime": torch.version.cuda,
+                       "device_count": torch.cuda.device_count()}
+    return info
+
+
+# ----------------------------------------------------------------------------
+# One op, every variant
+# ----------------------------------------------------------------------------
+
+def json_safe(obj):
+    """`obj` with non-finite floats replaced by None (JSON has no NaN or inf), tuples as lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def _describe(value):
+    """A tensor as {shape, dtype, device}; anything else as itself (if JSON-friendly) or its repr."""
+    if isinstance(value, torch.Tensor):
+        return {"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", ""),
+                "device": value.device.type}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors in an argument list or an op's output (a tensor or a tuple of them)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _gate(name: str, fn: Callable, args: tuple, kwargs: dict, expected) -> dict:
+    """Run `fn` once on poisoned outputs and compare with the reference's `expected` output(s).
+
+    Tuple outputs are compared element by element (comparisons named op[0], op[1], ...).
+    An exception counts as a failure, with its message recorded.
+    """
+    try:
+        with poisoned_outputs():
+            got = fn(*args, **kwargs)
+    except Exception as err:  # a kernel refusing these inputs is a failed gate, not a crash of the benchmark
+        return {"passed": False, "error": f"{type(err).__name__}: {err}", "comparisons": []}
+    if isinstance(expected, tuple):
+        if not isinstance(got, (tuple, list)) or len(got) != len(expected):
+            return {"passed": False, "comparisons": [],
+                    "error": f"expected a tuple of {len(expected)} outputs, got {type(got).__name__}"
+                             + (f" of {len(got)}" if isinstance(got, (tuple, list)) else "")}
+        comparisons = [compare(g, e, f"{name}[{i}]") for i, (g, e) in enumerate(zip(got, expected))]
+    else:
+        if not isinstance(got, torch.Tensor):
+            return {"passed": False, "comparisons": [], "error": f"expected a tensor, got {type(got).__name__}"}
+        comparisons = [compare(got, expected, name)]
+    return {"passed": all(c.passed for c in comparisons), "error": None,
+            "comparisons": [c.as_dict() for c in comparisons]}
+
+
+def _output_dtype(expected) -> torch.dtype:
+    """The dtype of an op's (first floating-point) output."""
+    tensors = _tensors(expected)
+    floats = [t for t in tensors if t.is_floating_point()]
+    return (floats or tensors)[0].dtype
+
+
+_MATMUL_CEILING = {torch.float32: "matmul_fp32", torch.bfloat16: "matmul_bf16"}  # op dtype -> ceilings key
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def benchmark_op(op: str, make_inputs: Callable[[str, int], tuple[tuple, dict]], backends: list[str] | tuple[str, ...],
+                 *, compile: bool = True, eager_builtin: Callable | None = None, eager_builtin_name: str | None = None,
+                 device: str = "cpu", label: str | None = None, kernel_overrides: dict[str, Callable] | None = None,
+                 ceilings: dict | None = None, flops: float | None = None, warmup: int = 3,
+                 repeats: int | None = None, min_seconds: float = 0.5, n_input_sets: int = 4) -> dict:
+    """Gate, then time, every variant of `op` on the same inputs; return plain data for JSON.
+
+    op             a name in the kernel registry ("rms_norm", "attention", ...); its
+                   "reference" kernel (the refimpl op) is the truth and the baseline.
+    make_inputs    make_inputs(device, seed) -> (args, kwargs), the op's arguments on `device`.
+                   Seed 0 is used for the gate and on the CPU; on CUDA the timing rotates
+                   among seeds 0 .. n_input_sets-1 (kwargs must not depend on the seed).
+    backends       kernel backends to time ("numba"; "numba_cuda", "cupy" on a GPU).
+    compile        also time torch.compile(reference op); compile time reported separately.
+                   False skips it (tests: compiling takes tens of seconds on a CPU).
+    eager_builtin  optional PyTorch built-in with the op's signature (an adapter around, say,
+                   F.scaled_dot_product_attention); named by `eager_builtin_name`.
+    kernel_overrides  {backend name: callable} used instead of the registry (for tests).
+    ceilings       from measure_ceilings(device): adds achieved bandwidth (bytes of inputs +
+                   outputs / median time) and, given `flops`, achieved FLOP/s, each as a
+                   fraction of the ceiling. On the CPU the inputs stay in cache between runs
+                   while the copy ceiling streams from DRAM, so small ops can pass 100% of it.
+    repeats, min_seconds, warmup  passed to the timer (repeats default: 20 CPU, 100 CUDA).
+
+    The gate runs first for every variant (outputs poisoned with NaN / -1, compared
+    with kernels.check.compare); a variant that fails it is recorded with the reason
+    and not timed. Everything runs under torch.no_grad(): kernels are forward-only.
+    Speed-ups are reference (or torch.compile) median / variant median: > 1 is faster.
+    """
+    device = torch.device(device).type
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"benchmark_op: device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("benchmark_op(device='cuda') needs a CUDA GPU; torch.cuda.is_available() is False")
+    overrides = dict(kernel_overrides or {})
+    reference = get(op, "reference")  # KernelNotFound names what is registered
+
+    # Which callables to run, in report order. Refuse what cannot be timed here, up front.
+    variants: dict[str, dict] = {"reference": {"kind": "reference", "fn": reference,
+                                               "name": f"{reference.__module__}.{reference.__qualname__}"}}
+    for backend in backends:
+        if backend == "reference":
+            continue
+        if backend in overrides:
+            fn = overrides[backend]
+        else:
+            status = backend_status().get(backend, "")
+            if status.startswith("simulator"):
+                raise ValueError(f"benchmark_op: backend {backend!r} runs on numba's CUDA simulator here "
+                                 "(no GPU), which checks correctness but is not a timing target")
+            if status.startswith("unavailable"):
+                raise ValueError(f"benchmark_op: backend {backend!r} cannot run on this machine: {status}")
+            fn = get(op, backend)
+        variants[backend] = {"kind": "kernel", "fn": fn, "name": getattr(fn, "__qualname__", repr(fn))}
+    if eager_builtin is not None:
+        variants["eager builtin"] = {"kind": "eager builtin", "fn": eager_builtin,
+                                     "name": eager_builtin_name or getattr(eager_builtin, "__qualname__",
+                                                                           repr(eager_builtin))}
+
+    with torch.no_grad():
+        args, kwargs = make_inputs(device, 0)
+        expected = reference(*args, **kwargs)
+        _synchronize(device)
+        if compile:
+            compiled = torch.compile(reference)
+            entry = {"kind": "torch.compile", "fn": compiled, "name": "torch.compile(reference)"}
+            t0 = time.perf_counter()
+            try:
+                compiled(*args, **kwargs)  # the first call traces and compiles
+                _synchronize(device)
+                entry["compile_seconds"] = time.perf_counter() - t0
+            except Exception as err:  # recorded like a failed gate: the run goes on without it
+                entry["compile_seconds"] = None
+                entry["gate"] = {"passed": False, "comparisons": [],
+                                 "error": f"torch.compile failed: {type(err).__name__}: {err}"}
+            variants["torch.compile"] = entry
+
+        # 1. The correctness gate, for every variant before any timing.
+        for name, v in variants.items():
+            if "gate" not in v:
+                v["gate"] = _gate(f"{op}:{name}", v["fn"], args, kwargs, expected)
+            _synchronize(device)
+
+        # 2. Timing of the variants that passed, all on the same inputs.
+        cuda_sets = None
+        if device == "cuda":
+            cuda_sets = [tuple(args)] + [tuple(make_inputs(device, seed)[0]) for seed in range(1, n_input_sets)]
+        for name, v in variants.items():
+            if not v["gate"]["passed"]:
+                v["timing"] = None
+                continue
+            fn = v["fn"]
+            if device == "cpu":
+                v["timing"] = time_cpu(lambda: fn(*args, **kwargs), warmup=warmup,
+                                       repeats=20 if repeats is None else repeats, min_seconds=min_seconds).as_dict()
+            else:
+                def call(*a, fn=fn):
+                    return fn(*a, **kwargs)
+                v["timing"] = time_cuda(call, lambda i: cuda_sets[i], n_input_sets=n_input_sets, warmup=warmup,
+                                        repeats=100 if repeats is None else repeats).as_dict()
+                v["timing_with_launch_overhead"] = time_cuda(
+                    call, lambda i: cuda_sets[i], n_input_sets=n_input_sets, warmup=1,
+                    repeats=100 if repeats is None else repeats, include_launch_overhead=True).as_dict()
+
+    # 3. Ratios, and fractions of the machine's ceilings.
+    bytes_moved = sum(t.numel() * t.element_size() for t in _tensors(args) + _tensors(expected))
+
+    def median(name: str) -> float | None:
+        v = variants.get(name)
+        return v["timing"]["median_s"] if v is not None and v.get("timing") else None
+
+    ref_median, compile_median = median("reference"), median("torch.compile")
+    report = {}
+    kind_order = ["reference", "kernel", "torch.compile", "eager builtin"]
+    for name, v in sorted(variants.items(), key=lambda item: kind_order.index(item[1]["kind"])):
+        entry = {k: val for k, val in v.items() if k != "fn"}
+        m = median(name)
+        entry["speedup_vs_reference"] = ref_median / m if m and ref_median else None
+        entry["speedup_vs_torch_compile"] = compile_median / m if m and compile_median else None
+        if m and ceilings is not None:
+            entry["achieved_GBps"] = bytes_moved / m / 1e9
+            entry["fraction_of_copy_bandwidth"] = bytes_moved / m / ceilings["copy"]["per_second"]
+            matmul = ceilings.get(_MATMUL_CEILING.get(_output_dtype(expected), ""))
+            if flops is not None and matmul is not None:
+                entry["achieved_GFLOPs"] = flops / m / 1e9
+                entry["fraction_of_matmul"] = flops / m / matmul["per_second"]
+        report[name] = entry
+
+    return json_safe({
+        "op": op,
+        "label": label or op,
+        "device": device,
+        "dtype": str(_output_dtype(expected)).replace("torch.", ""),
+        "inputs": {"args": [_describe(a) for a in args], "kwargs": {k: _describe(v) for k, v in kwargs.items()}},
+        "outputs": [_describe(t) for t in _tensors(expected)],
+        "bytes_moved": bytes_moved,
+        "flops": flops,
+        "timing_method": "perf_counter" if device == "cpu" else "cuda_events",
+        "failed": [name for name, v in variants.items() if not v["gate"]["passed"]],
+        "variants": report,
+    })
+
+
+# ----------------------------------------------------------------------------
+# Figure
+# ----------------------------------------------------------------------------
+
+def plot_ratios(results: list[dict], path: str | os.PathLike, provenance: dict | None = None):
+    """Bar chart of speed-ups over the reference op (log scale), one group per benchmarked case.
+
+    Bars: each kernel backend, torch.compile and the eager built-in, where timed; a variant
+    that failed the correctness gate is marked "gate failed" instead of a bar. Labelled with
+    the device and the date (from `provenance` when given). Saved to a temporary name in the
+    same folder, then renamed, so a reader never sees half a file. Draws with the Agg canvas
+    directly (no pyplot, no display needed, the session's backend untouched); returns the Figure.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    if not results:
+        raise ValueError("plot_ratios: no results to plot")
+    series = []  # variant names other than the reference, in report order (kernels, torch.compile, eager)
+    for r in results:
+        for name in r["variants"]:
+            if name != "reference" and name not in series:
+                series.append(name)
+    series.sort(key=lambda name: {"torch.compile": 1, "eager builtin": 2}.get(name, 0))
+    fig = Figure(figsize=(max(6.0, 1.6 * len(results) + 2), 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(series))
+    colors = {name: f"C{i}" for i, name in enumerate(series)}
+    drawn = set()
+    for g, r in enumerate(results):
+        for j, name in enumerate(series):
+            x = g - 0.4 + width * (j + 0.5)
+            v = r["variants"].get(name)
+            if v is None:
+                continue
+            speedup = v.get("speedup_vs_reference")
+            if speedup is None:
+                reason = "gate failed" if not v["gate"]["passed"] else "not timed"
+                ax.text(x, 1.0, reason, rotation=90, ha="center", va="bottom", fontsize=7, color=colors[name])
+                continue
+            # Bars grow from 1 (as fast as the reference): up when faster, down when slower.
+            ax.bar(x, speedup - 1.0, width, bottom=1.0, color=colors[name], label=None if name in drawn else name)
+            drawn.add(name)
+            ax.text(x, speedup, f"{speedup:.2g}x", ha="center", va="bottom" if speedup >= 1 else "top", fontsize=7)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
+    # label the minor ticks at 2 and 5 times a power of ten too (0.2x, 0.5x, 2x, 5x, ...)
+    ax.yaxis.set_minor_formatter(FuncFormatter(
+        lambda y, _: f"{y:g}x" if round(y / 10 ** math.floor(math.log10(y))) in (2, 5) else ""))
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(results)), [r["label"] for r in results], rotation=15, ha="right")
+    ax.set_ylabel("speed-up over the reference op (x, log scale)")
+    device = results[0]["device"]
+    where = device
+    when = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    if provenance is not None:
+        when = provenance["date_utc"][:10]
+        gpu = provenance.get("gpu")
+        where = f"{device}: {gpu['name']}" if device == "cuda" and gpu else f"{device}: {provenance['machine']['processor']}"
+    ax.set_title(f"Forward-pass speed-up over refimpl.ops ({where}, {when})", fontsize=10)
+    if drawn:
+        ax.legend(fontsize=8)
+
+    save_figure_atomically(fig, path, dpi=150)
+    return fig
+
+
+def results_markdown(record: dict) -> str:
+    """A recorded benchmark (the JSON a benchmark script writes) as a Markdown table with where and when."""
+    info = record["provenance"]
+    gpu = info.get("gpu")
+    where = (f"{gpu['name']} (driver {gpu['driver']}, CUDA {gpu['cuda_runtime']})" if gpu
+             else f"{info['machine']['processor']}, {info['machine']['cpu_count']} CPU cores")
+    lines = [f"**{record['benchmark']}** on {where}, measured {info['date_utc']} with torch {info['versions']['torch']}"
+             f" (`{record['script']}`). Speed-up: the reference's median time over the variant's; > 1 is faster.", "",
+             "| case | variant | median | speed-up vs reference | vs torch.compile |", "|---|---|---|---|---|"]
+    for result in record["results"]:
+        for name, variant in result["variants"].items():
+            if variant["timing"] is None:
+                lines.append(f"| {result['label']} | {name} | failed the correctness gate | | |")
+                continue
+            vs_compile = variant.get("speedup_vs_torch_compile")
+            lines.append(f"| {result['label']} | {name} | {variant['timing']['median_s'] * 1e6:,.0f} µs | "
+                         f"{variant['speedup_vs_reference']:.2f}× | "
+                         f"{'' if vs_compile is None else f'{vs_compile:.2f}×'} |")
+    return "\n".join(lines)
