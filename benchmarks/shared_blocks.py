@@ -6,7 +6,7 @@
 
 Cases (the `small` preset: d_model C = 128, H = 4 heads, G = 2 kv heads, D = 32, T = 128, B = 16;
 MoE with E = 4 experts, top-2, so N = B * T = 2048 tokens):
-    rms_norm                       x [B, T, C], weight [C]
+    rms_norm                       x [B*T, C], weight [C]
     attention (causal GQA)         q [B, T, H, D], k, v [B, T, G, D]
     attention (window 32)          the same, each query seeing itself and the 31 keys before it
     moe_dispatch                   x [N, C], expert_index [N, 2] (distinct experts per token)
@@ -37,22 +37,19 @@ import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
 from kernels.bench import benchmark_op, measure_ceilings, plot_ratios, provenance  # noqa: E402
-from kernels.check import example_inputs  # noqa: E402
+from kernels.check import example_inputs, example_shapes  # noqa: E402
 from refimpl import ops  # noqa: E402
-from refimpl.baseline import PRESETS  # noqa: E402
 from refimpl.io import write_json  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 FIGURES_DIR = ROOT / "figures" / "benchmarks"
 BACKENDS = {"cpu": ["numba"], "cuda": ["numba_cuda", "cupy"]}
 
-# The `small` preset's shapes, as `kernels.check.example_inputs("small")` builds them.
-PRESET = PRESETS["small"]
-B, T = 16, PRESET.max_seq_len                                   # batch 16, seq_len 128
-C, H, G, D = PRESET.d_model, PRESET.n_heads, PRESET.n_kv_heads, PRESET.head_dim
-E, TOP_K = 4, 2                                                 # the MoE variant of the small preset
+# The `small` preset's shapes: the same ones the tests and the overview check (kernels.check.example_shapes).
+SHAPES = example_shapes("small")
+B, T, C, H, G, D = (SHAPES[n] for n in "BTCHGD")
+E, TOP_K, WINDOW = SHAPES["E"], SHAPES["k"], SHAPES["window"]
 N = B * T
-WINDOW = 32
 
 
 # ---------------------------------------------------------------- inputs: make_inputs(device, seed) -> (args, kwargs)
@@ -179,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "script": "benchmarks/shared_blocks.py",
         "settings": {"device": args.device, "quick": args.quick, "compile": not args.no_compile,
                      "backends": BACKENDS[args.device], "preset": "small", "timing": timing,
-                     "shapes": {"B": B, "T": T, "C": C, "H": H, "G": G, "D": D, "E": E, "top_k": TOP_K, "N": N,
-                                "window": WINDOW}},
+                     "shapes": {**SHAPES, "N": N}},
         "provenance": info,
         "ceilings": ceilings,
         "results": results,

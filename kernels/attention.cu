@@ -27,7 +27,7 @@ extern "C" __global__ void attention_row_per_thread(
     const float* q_row = q + (((long long)b * T + t) * H + h) * D;
     float acc[MAX_HEAD_DIM];
     for (int d = 0; d < D; ++d) acc[d] = 0.0f;
-    float m = -INFINITY, l = 0.0f;
+    float m = -__int_as_float(0x7f800000), l = 0.0f;  // -inf (NVRTC has no INFINITY macro)
     for (int s = lo; s < hi; ++s) {
         const long long kv = (((long long)b * S + s) * G + g) * D;
         float score = 0.0f;

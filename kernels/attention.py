@@ -26,7 +26,6 @@ Faster rungs (a warp per row, K/V tiles in shared memory) are the GPU issue's wo
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 
@@ -35,10 +34,10 @@ import numpy as np
 import torch
 from numba import cuda
 
-from kernels.machine import cuda_simulator_enabled
 from kernels.registry import register
-from kernels.tensors import (cupy_stream, cupy_view, expect_device, expect_dtype, forward_only, new_output,
-                             numba_cuda_stream, numba_cuda_view, numpy_view)
+from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
+                             forward_only, new_output, numba_cuda_stream, numba_cuda_view, numpy_view,
+                             threads_per_block)
 from refimpl import ops
 
 register("attention", "reference")(ops.attention)
@@ -61,7 +60,7 @@ def _prepare(q, k, v, causal, window, scale, backend, dtypes):
 
 # ---------------------------------------------------------------- numba (CPU)
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@numba.njit(parallel=True, fastmath=NUMBA_FASTMATH, cache=True)
 def _attention_rows_cpu(q, k, v, causal, window, scale, out):
     B, T, H, D = q.shape
     S, G = k.shape[1], k.shape[2]
@@ -96,7 +95,7 @@ def _attention_rows_cpu(q, k, v, causal, window, scale, out):
 
 @register("attention", "numba")
 def attention_numba(q, k, v, *, causal=True, window=None, scale=None):
-    """numba CPU attention; float32 or float64 CPU tensors."""
+    """numba CPU attention. q: [B, T, H, D], k, v: [B, S, G, D], float32 or float64 CPU -> [B, T, H, D]."""
     _, scale, window_arg, out = _prepare(q, k, v, causal, window, scale, "numba", (torch.float32, torch.float64))
     _attention_rows_cpu(numpy_view(q), numpy_view(k), numpy_view(v), bool(causal), window_arg, scale,
                         numpy_view(out))
@@ -120,7 +119,7 @@ def _attention_v1_thread_per_row(q, k, v, causal, window, scale, out):
     acc = cuda.local.array(MAX_HEAD_DIM, numba.float32)
     for d in range(D):
         acc[d] = 0.0
-    m = -math.inf
+    m = numba.float32(-math.inf)
     l = numba.float32(0.0)
     for s in range(lo, hi):
         score = numba.float32(0.0)
@@ -140,10 +139,10 @@ def _attention_v1_thread_per_row(q, k, v, causal, window, scale, out):
 
 @register("attention", "numba_cuda")
 def attention_numba_cuda(q, k, v, *, causal=True, window=None, scale=None):
-    """numba CUDA attention, v1: one thread per query row. float32."""
+    """numba CUDA attention, v1: one thread per query row. q: [B, T, H, D], k, v: [B, S, G, D] float32 -> [B, T, H, D]."""
     (B, T, H, _, _, _), scale, window_arg, out = _prepare(q, k, v, causal, window, scale, "numba_cuda",
                                                          (torch.float32,))
-    threads = 32 if cuda_simulator_enabled() else 128
+    threads = threads_per_block()
     rows = B * T * H
     _attention_v1_thread_per_row[(rows + threads - 1) // threads, threads, numba_cuda_stream()](
         numba_cuda_view(q), numba_cuda_view(k), numba_cuda_view(v), bool(causal), window_arg,
@@ -154,19 +153,14 @@ def attention_numba_cuda(q, k, v, *, causal=True, window=None, scale=None):
 # ---------------------------------------------------------------- CuPy raw CUDA
 
 CU_SOURCE = Path(__file__).with_name("attention.cu")
-
-
-@functools.cache
-def _cupy_module():
-    import cupy
-    return cupy.RawModule(code=CU_SOURCE.read_text(), options=("-std=c++17",))
+CUPY_ENTRY_POINTS = ("attention_row_per_thread",)  # the kernels this file launches
 
 
 @register("attention", "cupy")
 def attention_cupy(q, k, v, *, causal=True, window=None, scale=None):
-    """CuPy attention: one thread per query row (attention.cu). float32 CUDA tensors."""
+    """CuPy attention, one thread per query row (attention.cu). q: [B, T, H, D], k, v: [B, S, G, D] float32 CUDA -> [B, T, H, D]."""
     (B, T, H, S, G, D), scale, window_arg, out = _prepare(q, k, v, causal, window, scale, "cupy", (torch.float32,))
-    kernel = _cupy_module().get_function("attention_row_per_thread")
+    kernel = cupy_module(CU_SOURCE).get_function("attention_row_per_thread")
     rows, threads = B * T * H, 128
     with cupy_stream():
         kernel(((rows + threads - 1) // threads,), (threads,),
@@ -176,12 +170,12 @@ def attention_cupy(q, k, v, *, causal=True, window=None, scale=None):
     return out
 
 
-def example_inputs(size: str, device="cpu", generator=None) -> dict:
-    """{op: (args, kwargs)} at a named size: `tiny` (simulator-friendly) or `small` (the small preset)."""
+def example_inputs(shapes: dict, generator=None) -> dict:
+    """{op: (args, kwargs)} for `kernels.check.example_shapes(...)`: q [B, T, H, D], k and v [B, T, G, D]."""
     from kernels.check import random_tensor
-    B, T, H, G, D = {"tiny": (1, 9, 2, 1, 8), "small": (16, 128, 4, 2, 32)}[size]
-    q = random_tensor((B, T, H, D), device=device, generator=generator)
-    k = random_tensor((B, T, G, D), device=device, generator=generator)
-    v = random_tensor((B, T, G, D), device=device, generator=generator)
+    B, T, H, G, D = (shapes[n] for n in "BTHGD")
+    q = random_tensor((B, T, H, D), generator=generator)
+    k = random_tensor((B, T, G, D), generator=generator)
+    v = random_tensor((B, T, G, D), generator=generator)
     return {"attention": ((q, k, v), {"causal": True, "window": None}),
-            "attention (sliding window)": ((q, k, v), {"causal": True, "window": min(32, T - 1)})}
+            "attention (sliding window)": ((q, k, v), {"causal": True, "window": shapes["window"]})}

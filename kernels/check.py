@@ -15,7 +15,7 @@ import torch
 from kernels.tensors import poisoned_outputs
 
 __all__ = ["TOLERANCES", "Comparison", "compare", "assert_close", "poisoned_outputs", "random_tensor",
-           "example_inputs", "check_backend"]
+           "example_shapes", "example_inputs", "check_backend"]
 
 #: dtype -> (atol, rtol), and why.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -110,15 +110,26 @@ def random_tensor(shape, dtype=torch.float32, device="cpu", generator: torch.Gen
     return t.to(dtype=dtype, device=device)
 
 
+def example_shapes(size: str) -> dict:
+    """The sizes every shared op's examples use: `tiny` (simulator-friendly) or `small`, which is the
+    `small` baseline preset (C, H, G, D, T) at batch 16, with 4 experts top-2 and a window of 32."""
+    if size == "tiny":
+        return dict(B=1, T=9, C=12, H=2, G=1, D=8, E=3, k=2, window=4)
+    if size == "small":
+        from refimpl.baseline import PRESETS
+        p = PRESETS["small"]
+        return dict(B=16, T=p.max_seq_len, C=p.d_model, H=p.n_heads, G=p.n_kv_heads, D=p.head_dim, E=4, k=2, window=32)
+    raise ValueError(f"example size must be 'tiny' or 'small', got {size!r}")
+
+
 def example_inputs(size: str = "tiny", device="cpu", seed: int = 0) -> dict:
     """Every shared op's example inputs, {case name: (op, args, kwargs)}, at `tiny` or `small` size."""
     from kernels import attention, moe, rmsnorm
-    if size not in ("tiny", "small"):
-        raise ValueError(f"example size must be 'tiny' or 'small', got {size!r}")
+    shapes = example_shapes(size)
     generator = torch.Generator().manual_seed(seed)
     cases = {}
     for module in (rmsnorm, attention, moe):
-        for case, (args, kwargs) in module.example_inputs(size, "cpu", generator).items():
+        for case, (args, kwargs) in module.example_inputs(shapes, generator).items():
             args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
             cases[case] = (case.split(" ")[0], args, kwargs)
     return cases

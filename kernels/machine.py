@@ -79,6 +79,13 @@ def _cupy_status() -> str:
     return f"ready: CuPy {cupy.__version__}, {n} device(s)"
 
 
+def device_for(backend: str) -> str:
+    """The torch device a backend's kernels take: "cpu" for numba (and numba_cuda under the simulator), else "cuda"."""
+    if backend in ("reference", "numba") or (backend == "numba_cuda" and cuda_simulator_enabled()):
+        return "cpu"
+    return "cuda"
+
+
 def nvcc_path() -> str | None:
     """Path of nvcc if the CUDA compiler is installed (used to compile-check the .cu files)."""
     return shutil.which("nvcc")

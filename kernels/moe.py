@@ -23,7 +23,6 @@ The ladder
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numba
@@ -31,10 +30,10 @@ import numpy as np
 import torch
 from numba import cuda
 
-from kernels.machine import cuda_simulator_enabled
 from kernels.registry import register
-from kernels.tensors import (cupy_stream, cupy_view, expect_device, expect_dtype, forward_only, new_output,
-                             numba_cuda_stream, numba_cuda_view, numpy_view)
+from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
+                             forward_only, new_output, numba_cuda_stream, numba_cuda_view, numpy_view,
+                             threads_per_block)
 from refimpl import ops
 
 register("moe_dispatch", "reference")(ops.moe_dispatch)
@@ -88,7 +87,7 @@ def _gather_rows_cpu(x, source, out):
         out[r, :] = x[source[r], :]
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@numba.njit(parallel=True, fastmath=NUMBA_FASTMATH, cache=True)
 def _combine_rows_cpu(expert_out, slot, weight, out):
     N, k = slot.shape
     for n in numba.prange(N):
@@ -102,7 +101,7 @@ def _combine_rows_cpu(expert_out, slot, weight, out):
 
 @register("moe_dispatch", "numba")
 def moe_dispatch_numba(x, expert_index, n_experts):
-    """numba CPU dispatch; float32/float64 CPU tensors."""
+    """numba CPU dispatch. x: [N, C] float32/float64 CPU, expert_index: [N, k] -> x_sorted [N*k, C], offsets [E+1], slot [N, k]."""
     (N, C, k), flat, x_sorted, offsets, slot, source = _prepare_dispatch(
         x, expert_index, n_experts, "numba", (torch.float32, torch.float64))
     _counting_sort_cpu(numpy_view(flat), k, n_experts, numpy_view(offsets), numpy_view(slot), numpy_view(source))
@@ -112,7 +111,7 @@ def moe_dispatch_numba(x, expert_index, n_experts):
 
 @register("moe_combine", "numba")
 def moe_combine_numba(expert_out, slot, weight):
-    """numba CPU combine; float32/float64 CPU tensors."""
+    """numba CPU combine. expert_out: [N*k, C], slot: [N, k], weight: [N, k], float32/float64 CPU -> y [N, C]."""
     _, slot64, out = _prepare_combine(expert_out, slot, weight, "numba", (torch.float32, torch.float64))
     _combine_rows_cpu(numpy_view(expert_out), numpy_view(slot64), numpy_view(weight), numpy_view(out))
     return out
@@ -164,17 +163,13 @@ def _combine_rows(expert_out, slot, weight, out):
         out[n, c] = acc
 
 
-def _threads() -> int:
-    return 32 if cuda_simulator_enabled() else 128
-
-
 @register("moe_dispatch", "numba_cuda")
 def moe_dispatch_numba_cuda(x, expert_index, n_experts):
-    """numba CUDA dispatch (v1). float32."""
+    """numba CUDA dispatch (v1). x: [N, C] float32, expert_index: [N, k] -> x_sorted [N*k, C], offsets [E+1], slot [N, k]."""
     (N, C, k), flat, x_sorted, offsets, slot, source = _prepare_dispatch(
         x, expert_index, n_experts, "numba_cuda", (torch.float32,))
     counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device)
-    threads, stream = _threads(), numba_cuda_stream()
+    threads, stream = threads_per_block(), numba_cuda_stream()
     flat_d, offsets_d = numba_cuda_view(flat), numba_cuda_view(offsets)
     slot_d, source_d = numba_cuda_view(slot), numba_cuda_view(source)
     _count_copies[(N * k + threads - 1) // threads, threads, stream](flat_d, numba_cuda_view(counts))
@@ -186,9 +181,9 @@ def moe_dispatch_numba_cuda(x, expert_index, n_experts):
 
 @register("moe_combine", "numba_cuda")
 def moe_combine_numba_cuda(expert_out, slot, weight):
-    """numba CUDA combine (v1): a block per token. float32."""
+    """numba CUDA combine (v1), a block per token. expert_out: [N*k, C], slot, weight: [N, k] float32 -> y [N, C]."""
     (N, C, k), slot64, out = _prepare_combine(expert_out, slot, weight, "numba_cuda", (torch.float32,))
-    _combine_rows[N, _threads(), numba_cuda_stream()](
+    _combine_rows[N, threads_per_block(), numba_cuda_stream()](
         numba_cuda_view(expert_out), numba_cuda_view(slot64), numba_cuda_view(weight), numba_cuda_view(out))
     return out
 
@@ -196,12 +191,8 @@ def moe_combine_numba_cuda(expert_out, slot, weight):
 # ---------------------------------------------------------------- CuPy raw CUDA
 
 CU_SOURCE = Path(__file__).with_name("moe.cu")
-
-
-@functools.cache
-def _cupy_module():
-    import cupy
-    return cupy.RawModule(code=CU_SOURCE.read_text(), options=("-std=c++17",))
+CUPY_ENTRY_POINTS = ("count_copies", "exclusive_scan_one_thread", "place_copies_per_expert", "gather_rows",
+                     "combine_rows")  # the kernels this file launches
 
 
 def _blocks(n: int, threads: int) -> tuple[int]:
@@ -210,11 +201,11 @@ def _blocks(n: int, threads: int) -> tuple[int]:
 
 @register("moe_dispatch", "cupy")
 def moe_dispatch_cupy(x, expert_index, n_experts):
-    """CuPy dispatch (moe.cu). float32 CUDA tensors."""
+    """CuPy dispatch (moe.cu). x: [N, C] float32 CUDA, expert_index: [N, k] -> x_sorted [N*k, C], offsets [E+1], slot [N, k]."""
     (N, C, k), flat, x_sorted, offsets, slot, source = _prepare_dispatch(
         x, expert_index, n_experts, "cupy", (torch.float32,))
     counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device)
-    module, threads, Nk = _cupy_module(), 128, N * k
+    module, threads, Nk = cupy_module(CU_SOURCE), 128, N * k
     flat_c, offsets_c, slot_c, source_c = cupy_view(flat), cupy_view(offsets), cupy_view(slot), cupy_view(source)
     with cupy_stream():
         module.get_function("count_copies")(_blocks(Nk, threads), (threads,), (flat_c, cupy_view(counts), np.int64(Nk)))
@@ -228,23 +219,22 @@ def moe_dispatch_cupy(x, expert_index, n_experts):
 
 @register("moe_combine", "cupy")
 def moe_combine_cupy(expert_out, slot, weight):
-    """CuPy combine (moe.cu): a block per token. float32 CUDA tensors."""
+    """CuPy combine (moe.cu), a block per token. expert_out: [N*k, C], slot, weight: [N, k] float32 CUDA -> y [N, C]."""
     (N, C, k), slot64, out = _prepare_combine(expert_out, slot, weight, "cupy", (torch.float32,))
     with cupy_stream():
-        _cupy_module().get_function("combine_rows")(
+        cupy_module(CU_SOURCE).get_function("combine_rows")(
             (N,), (128,), (cupy_view(expert_out), cupy_view(slot64), cupy_view(weight), cupy_view(out),
                            np.int32(C), np.int32(k)))
     return out
 
 
-def example_inputs(size: str, device="cpu", generator=None) -> dict:
-    """{op: (args, kwargs)} at a named size: `tiny` (simulator-friendly) or `small` (the small preset, 4 experts, top-2)."""
+def example_inputs(shapes: dict, generator=None) -> dict:
+    """{op: (args, kwargs)} for `kernels.check.example_shapes(...)`: N = B*T tokens of width C, E experts, top-k."""
     from kernels.check import random_tensor
-    N, C, E, k = {"tiny": (9, 12, 3, 2), "small": (16 * 128, 128, 4, 2)}[size]
-    x = random_tensor((N, C), device=device, generator=generator)
-    scores = random_tensor((N, E), device=device, generator=generator)
-    index = scores.topk(k, dim=-1).indices                     # [N, k] distinct experts per token
+    N, C, E, k = shapes["B"] * shapes["T"], shapes["C"], shapes["E"], shapes["k"]
+    x = random_tensor((N, C), generator=generator)
+    index = random_tensor((N, E), generator=generator).topk(k, dim=-1).indices  # [N, k] distinct experts per token
     _, _, slot = ops.moe_dispatch(x, index, E)
-    expert_out = random_tensor((N * k, C), device=device, generator=generator)
-    weight = torch.softmax(random_tensor((N, k), device=device, generator=generator), dim=-1)
+    expert_out = random_tensor((N * k, C), generator=generator)
+    weight = torch.softmax(random_tensor((N, k), generator=generator), dim=-1)
     return {"moe_dispatch": ((x, index, E), {}), "moe_combine": ((expert_out, slot, weight), {})}

@@ -1,7 +1,8 @@
 // RMSNorm in CUDA C: y[r, c] = x[r, c] / sqrt(mean_c(x[r, c]^2) + eps) * w[c]
 //
 // x, y: [R, C] row-major float32, w: [C]. Launch: grid = R blocks (one per row),
-// block = 128 threads (a power of two, at most 1024).
+// block = 128 threads (a power of two, at most 1024; at least 32 for the warp-shuffle version,
+// whose full-mask shuffles need whole warps).
 //
 // The ladder
 //   rms_norm_block_per_row  threads stride along the row (coalesced loads), then a

@@ -18,7 +18,6 @@ The ladder
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 
@@ -27,10 +26,10 @@ import numpy as np
 import torch
 from numba import cuda
 
-from kernels.machine import cuda_simulator_enabled
 from kernels.registry import register
-from kernels.tensors import (cupy_stream, cupy_view, expect_device, expect_dtype, forward_only, new_output,
-                             numba_cuda_stream, numba_cuda_view, numpy_view)
+from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
+                             forward_only, new_output, numba_cuda_stream, numba_cuda_view, numpy_view,
+                             threads_per_block)
 from refimpl import ops
 
 register("rms_norm", "reference")(ops.rms_norm)
@@ -51,7 +50,7 @@ def _prepare(x, weight, eps, backend, dtypes):
 
 # ---------------------------------------------------------------- numba (CPU)
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@numba.njit(parallel=True, fastmath=NUMBA_FASTMATH, cache=True)
 def _rms_norm_rows_cpu(x, w, eps, out):
     R, C = x.shape
     for r in numba.prange(R):
@@ -65,7 +64,7 @@ def _rms_norm_rows_cpu(x, w, eps, out):
 
 @register("rms_norm", "numba")
 def rms_norm_numba(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """numba CPU RMSNorm; float32 or float64 CPU tensors."""
+    """numba CPU RMSNorm. x: [..., C], weight: [C], float32 or float64 CPU tensors -> [..., C]."""
     rows, out = _prepare(x, weight, eps, "numba", (torch.float32, torch.float64))
     _rms_norm_rows_cpu(numpy_view(rows), numpy_view(weight), float(eps), numpy_view(out))
     return out.view(x.shape)
@@ -78,10 +77,10 @@ def _rms_norm_v1_thread_per_row(x, w, eps, out):
     r = cuda.grid(1)
     if r < x.shape[0]:
         C = x.shape[1]
-        acc = 0.0
+        acc = numba.float32(0.0)
         for c in range(C):
             acc += x[r, c] * x[r, c]
-        inv_rms = 1.0 / math.sqrt(acc / C + eps)
+        inv_rms = numba.float32(1.0) / math.sqrt(acc / numba.float32(C) + eps)
         for c in range(C):
             out[r, c] = x[r, c] * inv_rms * w[c]
 
@@ -103,21 +102,16 @@ def _rms_norm_v2_block_per_row(x, w, eps, out):
             partial[tid] += partial[tid + stride]
         cuda.syncthreads()
         stride //= 2
-    inv_rms = numba.float32(1.0) / math.sqrt(partial[0] / C + eps)
+    inv_rms = numba.float32(1.0) / math.sqrt(partial[0] / numba.float32(C) + eps)
     for c in range(tid, C, cuda.blockDim.x):
         out[r, c] = x[r, c] * inv_rms * w[c]
 
 
-def _threads_per_block() -> int:
-    # The simulator runs one Python thread per CUDA thread: keep blocks small there.
-    return 32 if cuda_simulator_enabled() else MAX_THREADS
-
-
 def rms_norm_numba_cuda_v1(x, weight, eps=1e-6):
-    """numba CUDA RMSNorm, v1: one thread per row."""
+    """numba CUDA RMSNorm, v1: one thread per row. x: [..., C], weight: [C] float32 -> [..., C]."""
     rows, out = _prepare(x, weight, eps, "numba_cuda", (torch.float32,))
     R = rows.shape[0]
-    threads = _threads_per_block()
+    threads = threads_per_block()
     _rms_norm_v1_thread_per_row[(R + threads - 1) // threads, threads, numba_cuda_stream()](
         numba_cuda_view(rows), numba_cuda_view(weight), np.float32(eps), numba_cuda_view(out))
     return out.view(x.shape)
@@ -125,9 +119,9 @@ def rms_norm_numba_cuda_v1(x, weight, eps=1e-6):
 
 @register("rms_norm", "numba_cuda")
 def rms_norm_numba_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """numba CUDA RMSNorm, v2: one block per row, shared-memory tree sum. float32."""
+    """numba CUDA RMSNorm, v2: one block per row, shared-memory tree sum. x: [..., C], weight: [C] float32 -> [..., C]."""
     rows, out = _prepare(x, weight, eps, "numba_cuda", (torch.float32,))
-    _rms_norm_v2_block_per_row[rows.shape[0], _threads_per_block(), numba_cuda_stream()](
+    _rms_norm_v2_block_per_row[rows.shape[0], threads_per_block(MAX_THREADS), numba_cuda_stream()](
         numba_cuda_view(rows), numba_cuda_view(weight), np.float32(eps), numba_cuda_view(out))
     return out.view(x.shape)
 
@@ -138,18 +132,13 @@ NUMBA_CUDA_LADDER = {"v1_thread_per_row": rms_norm_numba_cuda_v1, "v2_block_per_
 # ---------------------------------------------------------------- CuPy raw CUDA
 
 CU_SOURCE = Path(__file__).with_name("rmsnorm.cu")
-
-
-@functools.cache
-def _cupy_module():
-    import cupy
-    return cupy.RawModule(code=CU_SOURCE.read_text(), options=("-std=c++17",))
+CUPY_ENTRY_POINTS = ("rms_norm_block_per_row", "rms_norm_warp_shuffle")  # the kernels this file launches
 
 
 def _rms_norm_cupy(kernel_name: str, x, weight, eps):
     rows, out = _prepare(x, weight, eps, "cupy", (torch.float32,))
     R, C = rows.shape
-    kernel = _cupy_module().get_function(kernel_name)
+    kernel = cupy_module(CU_SOURCE).get_function(kernel_name)
     with cupy_stream():
         kernel((R,), (MAX_THREADS,), (cupy_view(rows), cupy_view(weight), cupy_view(out),
                                       np.int32(C), np.float32(eps)))
@@ -157,23 +146,22 @@ def _rms_norm_cupy(kernel_name: str, x, weight, eps):
 
 
 def rms_norm_cupy_block(x, weight, eps=1e-6):
-    """CuPy RMSNorm: one block per row, shared-memory tree sum."""
+    """CuPy RMSNorm: one block per row, shared-memory tree sum. x: [..., C], weight: [C] float32 CUDA -> [..., C]."""
     return _rms_norm_cupy("rms_norm_block_per_row", x, weight, eps)
 
 
 @register("rms_norm", "cupy")
 def rms_norm_cupy(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """CuPy RMSNorm: one block per row, warp-shuffle sums. float32 CUDA tensors."""
+    """CuPy RMSNorm: one block per row, warp-shuffle sums. x: [..., C], weight: [C] float32 CUDA -> [..., C]."""
     return _rms_norm_cupy("rms_norm_warp_shuffle", x, weight, eps)
 
 
 CUPY_LADDER = {"block_per_row": rms_norm_cupy_block, "warp_shuffle": rms_norm_cupy}
 
 
-def example_inputs(size: str, device="cpu", generator=None) -> dict:
-    """{op: (args, kwargs)} at a named size: `tiny` (simulator-friendly) or `small` (the small preset)."""
+def example_inputs(shapes: dict, generator=None) -> dict:
+    """{op: (args, kwargs)} for `kernels.check.example_shapes(...)`: x [B*T, C], weight [C]."""
     from kernels.check import random_tensor
-    shape = {"tiny": (3, 60), "small": (16 * 128, 128)}[size]
-    x = random_tensor(shape, device=device, generator=generator)
-    w = random_tensor(shape[-1:], device=device, generator=generator)
+    x = random_tensor((shapes["B"] * shapes["T"], shapes["C"]), generator=generator)
+    w = random_tensor((shapes["C"],), generator=generator)
     return {"rms_norm": ((x, w), {"eps": 1e-6})}

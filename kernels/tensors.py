@@ -10,13 +10,20 @@ Every check raises ValueError saying what was expected, before any kernel runs.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from kernels.machine import cuda_simulator_enabled
 
 _POISON = False
+
+#: numba CPU kernels' fast-math flags: reassociation lets LLVM vectorise sums. Not the full
+#: fastmath set, which also assumes no inf/NaN (the online softmax starts from -inf, and a
+#: NaN input must stay visible in the output).
+NUMBA_FASTMATH = {"reassoc", "contract", "arcp"}
 
 
 @contextmanager
@@ -99,3 +106,15 @@ def cupy_stream():
     """PyTorch's current CUDA stream as a CuPy stream (use as a context manager around launches)."""
     import cupy
     return cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+
+
+@functools.cache
+def cupy_module(cu_file: str | Path, options: tuple[str, ...] = ("-std=c++17",)):
+    """The CUDA C file compiled by CuPy (NVRTC), once per process."""
+    import cupy
+    return cupy.RawModule(code=Path(cu_file).read_text(), options=options)
+
+
+def threads_per_block(gpu_threads: int = 128) -> int:
+    """Block size for a launch: `gpu_threads` on a GPU, 32 under the simulator (one Python thread each)."""
+    return 32 if cuda_simulator_enabled() else gpu_threads

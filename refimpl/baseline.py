@@ -36,12 +36,15 @@ class BaselineConfig:
     n_experts: int = 0               # E: 0 -> dense SwiGLU; >= 1 -> top-k MoE of SwiGLU experts
     top_k: int = 2                   # k: experts per token (MoE only)
     window: int | None = None        # W: sliding attention window; None -> full causal attention
-    max_seq_len: int = 256           # longest context used in training (sets nothing but a check)
+    max_seq_len: int = 256           # longest sequence one forward call accepts (decoding with a cache may go on past it)
     norm_eps: float = 1e-6           # RMSNorm epsilon
     aux_loss_weight: float = 0.01    # weight of the MoE load-balancing loss in the training loss
     tie_embeddings: bool = True      # share the embedding and unembedding matrices
 
     def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"BaselineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -123,6 +126,8 @@ class BaselineLM(nn.Module):
         """
         if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"BaselineLM expects idx as an int tensor [B, T], got {idx.dtype} {list(idx.shape)}")
+        if idx.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"need one KVCache per layer ({len(self.blocks)}), got {len(caches)}")
         x = self.embed(idx)                                          # [B, T, C]

@@ -45,16 +45,16 @@ class RMSNorm(nn.Module):
 # Rotary position embedding
 # ----------------------------------------------------------------------------
 
-def rope_tables(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
+def rope_tables(positions: torch.Tensor, head_dim: int, base: float = 10000.0, dtype=torch.float32):
     """cos and sin tables for the given absolute positions.
 
-    positions: [T] (int) -> cos, sin: [T, D/2], fp32.
+    positions: [T] (int) -> cos, sin: [T, D/2] in `dtype` (fp32, or fp64 for an fp64 model).
     Pair i of a head rotates by angle position * base^(-2i/D).
     """
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim)
+    angles = positions.to(dtype)[:, None] * inv_freq[None, :]  # [T, D/2]
     return angles.cos(), angles.sin()
 
 
@@ -65,7 +65,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     if x.dim() != 4 or cos.shape != (x.shape[1], x.shape[3] // 2):
         raise ValueError(f"apply_rope: expected x [B, T, H, D] and tables [T, D/2], got {list(x.shape)} and {list(cos.shape)}")
-    x1, x2 = x.float().chunk(2, dim=-1)                    # [B, T, H, D/2] each
+    compute = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    x1, x2 = x.to(compute).chunk(2, dim=-1)               # [B, T, H, D/2] each
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return rotated.to(x.dtype)
@@ -143,7 +144,8 @@ class GroupedQueryAttention(nn.Module):
         k = self.k_proj(x).view(B, T, G, D)  # [B, T, G, D]
         v = self.v_proj(x).view(B, T, G, D)  # [B, T, G, D]
         start = cache.seen if cache is not None else 0
-        cos, sin = rope_tables(torch.arange(start, start + T, device=x.device), D, self.rope_base)
+        cos, sin = rope_tables(torch.arange(start, start + T, device=x.device), D, self.rope_base,
+                               dtype=torch.promote_types(x.dtype, torch.float32))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v, self.window)  # [B, S, G, D], S = kept history + T

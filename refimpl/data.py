@@ -63,13 +63,13 @@ def stdlib_corpus(max_train_bytes: int = 4_000_000, max_val_bytes: int = 400_000
         raise ValueError("stdlib_corpus: byte caps must be positive")
     root = Path(root or sysconfig.get_paths()["stdlib"])
     files = stdlib_source_files(root)
-    files.sort(key=lambda p: (zlib.crc32(str(p.relative_to(root)).encode()), str(p)))
+    files.sort(key=lambda p: (zlib.crc32(p.relative_to(root).as_posix().encode()), str(p)))
     parts = {"train": [], "val": []}
     names = {"train": [], "val": []}
     sizes = {"train": 0, "val": 0}
     caps = {"train": max_train_bytes, "val": max_val_bytes}
     for path in files:
-        rel = str(path.relative_to(root))
+        rel = path.relative_to(root).as_posix()
         split = "val" if _is_validation(rel) else "train"
         if sizes[split] >= caps[split]:
             continue
@@ -88,7 +88,7 @@ def random_batch(data: torch.Tensor, batch_size: int, seq_len: int,
     """Random windows of a byte stream: x [B, T] and the next-byte targets y [B, T] (int64)."""
     if data.dim() != 1 or len(data) <= seq_len:
         raise ValueError(f"random_batch: need a 1-D stream longer than seq_len={seq_len}, got shape {list(data.shape)}")
-    starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=generator)
+    starts = torch.randint(0, len(data) - seq_len, (batch_size,), generator=generator)  # last start: len - T - 1
     window = torch.stack([data[s:s + seq_len + 1] for s in starts.tolist()]).long()  # [B, T+1]
     return window[:, :-1], window[:, 1:]
 

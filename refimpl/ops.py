@@ -50,8 +50,8 @@ def check_rms_norm_args(x: torch.Tensor, weight: torch.Tensor, eps: float) -> in
     """Validate RMSNorm arguments; return the normalised width C."""
     _expect_float("x", x)
     _expect_float("weight", weight)
-    if x.dim() < 1:
-        _fail("rms_norm: x must have at least one dimension [..., C]")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        _fail(f"rms_norm: x must be [..., C] with C >= 1, got shape {list(x.shape)}")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         _fail(f"rms_norm: weight must have shape [C] = [{x.shape[-1]}], got {list(weight.shape)}")
     if not (eps > 0 and math.isfinite(eps)):
@@ -67,7 +67,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     check_rms_norm_args(x, weight, eps)
     xf = _at_least_fp32(x)
     inv_rms = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)  # [..., 1]
-    return (xf * inv_rms).to(x.dtype) * weight
+    return (xf * inv_rms * weight).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -87,8 +87,8 @@ def check_attention_args(q, k, v, causal: bool, window: int | None):
         _fail(f"attention: k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
     if Bk != B or Dk != D:
         _fail(f"attention: k must be [B, S, G, D] = [{B}, S, G, {D}], got {list(k.shape)}")
-    if S < 1:
-        _fail("attention: need at least one key (S >= 1)")
+    if min(B, T, H, D) < 1 or S < 1:
+        _fail(f"attention: every size must be >= 1, got q {list(q.shape)} and k {list(k.shape)}")
     if G == 0 or H % G != 0:
         _fail(f"attention: query heads H={H} must be a multiple of key/value heads G={G}")
     if causal and T > S:
@@ -153,8 +153,10 @@ def check_moe_dispatch_args(x, expert_index, n_experts: int):
         _fail("moe_dispatch: x must hold at least one token (N >= 1)")
     if not isinstance(expert_index, torch.Tensor) or expert_index.dtype not in (torch.int32, torch.int64):
         _fail("moe_dispatch: expert_index must be an int32/int64 tensor [N, k]")
-    if expert_index.dim() != 2 or expert_index.shape[0] != x.shape[0]:
-        _fail(f"moe_dispatch: expert_index must be [N, k] with N = {x.shape[0]}, got {list(expert_index.shape)}")
+    if expert_index.dim() != 2 or expert_index.shape[0] != x.shape[0] or expert_index.shape[1] < 1:
+        _fail(f"moe_dispatch: expert_index must be [N, k] with N = {x.shape[0]} and k >= 1, got {list(expert_index.shape)}")
+    if x.shape[1] < 1:
+        _fail("moe_dispatch: x must have width C >= 1")
     if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
         _fail(f"moe_dispatch: n_experts must be a positive int, got {n_experts!r}")
     if expert_index.numel() and (expert_index.min() < 0 or expert_index.max() >= n_experts):
@@ -192,6 +194,8 @@ def check_moe_combine_args(expert_out, slot, weight):
     if weight.dim() != 2:
         _fail(f"moe_combine: weight must be 2-D [N, k], got shape {list(weight.shape)}")
     N, k = weight.shape
+    if N < 1 or k < 1 or expert_out.shape[1] < 1:
+        _fail(f"moe_combine: need N, k, C >= 1, got weight {list(weight.shape)} and expert_out {list(expert_out.shape)}")
     if not isinstance(slot, torch.Tensor) or slot.dtype not in (torch.int32, torch.int64) or tuple(slot.shape) != (N, k):
         _fail(f"moe_combine: slot must be an int tensor of shape [N, k] = [{N}, {k}]")
     if expert_out.shape[0] != N * k:

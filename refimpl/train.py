@@ -1,9 +1,11 @@
 """A small training loop with a progress bar, and bits-per-byte evaluation.
 
 Any model of the book fits if `model(x, y)` returns `(logits [B, T, V], loss)`.
-The loop is AdamW with linear warm-up and cosine decay, gradient clipping,
-and a fixed seed for both initial batches and evaluation, so two runs with the
-same config give the same curve.
+The loop is AdamW with linear warm-up and cosine decay and gradient clipping.
+Batches come from a generator seeded by the config and evaluation windows are
+fixed, so two runs of the same model (seed its initialisation with
+torch.manual_seed before building it) with the same config give the same curve.
+Batches are moved to the model's device.
 """
 
 from __future__ import annotations
@@ -71,6 +73,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def bits_per_byte(model: torch.nn.Module, data: torch.Tensor, seq_len: int, batch_size: int = 16,
                   max_batches: int | None = None) -> float:
@@ -80,8 +87,10 @@ def bits_per_byte(model: torch.nn.Module, data: torch.Tensor, seq_len: int, batc
     """
     was_training = model.training
     model.eval()
+    device = _device_of(model)
     total_bits, total_bytes = 0.0, 0
     for x, y in sequential_batches(data, batch_size, seq_len, max_batches):
+        x, y = x.to(device), y.to(device)
         logits, _ = model(x)
         nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
         total_bits += nats.item() / math.log(2)
@@ -94,6 +103,7 @@ def train(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, progress
           description: str = "train") -> History:
     """Train `model` on `corpus.train`, evaluating bits per byte on `corpus.val` as it goes."""
     generator = torch.Generator().manual_seed(cfg.seed)
+    device = _device_of(model)
     optimizer = make_optimizer(model, cfg)
     history = History(config=asdict(cfg))
     model.train()
@@ -103,7 +113,7 @@ def train(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, progress
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         x, y = random_batch(corpus.train, cfg.batch_size, cfg.seq_len, generator)
-        _, loss = model(x, y)
+        _, loss = model(x.to(device), y.to(device))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)

@@ -24,6 +24,18 @@ def test_rms_norm_matches_torch_builtin():
     assert RMSNorm(60).eps == 1e-6
 
 
+def test_rope_matches_complex_rotation():
+    """Pair (x_i, x_{i+D/2}) is the complex number x_i + i x_{i+D/2}, turned by angle pos * base^(-2i/D)."""
+    g = _gen(2)
+    x = random_tensor((1, 5, 3, 16), dtype=torch.float64, generator=g)
+    positions = torch.arange(7, 12)
+    cos, sin = rope_tables(positions, 16, dtype=torch.float64)
+    z = torch.complex(x[..., :8], x[..., 8:])                                            # [B, T, H, D/2]
+    angle = positions[:, None].double() * 10000.0 ** (-torch.arange(0, 16, 2).double() / 16)  # [T, D/2]
+    turned = z * torch.polar(torch.ones_like(angle), angle)[None, :, None, :]
+    assert_close(apply_rope(x, cos, sin), torch.cat([turned.real, turned.imag], dim=-1), "RoPE vs complex rotation")
+
+
 def test_rope_scores_depend_only_on_relative_position():
     g = _gen(2)
     q, k = random_tensor((1, 1, 1, 16), generator=g), random_tensor((1, 1, 1, 16), generator=g)
@@ -94,13 +106,18 @@ def test_moe_dispatch_combine_roundtrip_is_identity():
     assert_close(ops.moe_combine(x_sorted, slot, torch.full((9, 2), 0.5)), x, "combine(dispatch(x)) with weights 1/2")
 
 
-def test_moe_statistics_and_balance_loss_gradient():
+def test_moe_statistics_and_balance_loss():
     torch.manual_seed(1)
     moe = TopKMoE(8, 16, n_experts=4, top_k=2)
-    y = moe(random_tensor((32, 8), generator=_gen(9)))
-    stats = moe.last_stats
-    assert stats["tokens_per_expert"].sum() == 64 and stats["tokens_per_expert"].shape == (4,)
-    (y.sum() + moe.aux_loss).backward()
+    x = random_tensor((32, 8), generator=_gen(9))
+    moe(x)
+    counts = moe.last_stats["tokens_per_expert"]
+    assert counts.sum() == 64 and counts.shape == (4,)
+    probs = torch.softmax(moe.router(x), dim=-1)                       # recompute E * sum_e f_e * P_e by hand
+    chosen = probs.topk(2, dim=-1).indices
+    share = torch.stack([(chosen == e).sum() for e in range(4)]).float() / 64
+    assert_close(moe.aux_loss.detach(), 4 * (share * probs.mean(0)).sum().detach(), "aux loss by hand")
+    moe.aux_loss.backward()                                            # the loss alone trains the router
     assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
 
 
@@ -109,11 +126,12 @@ def test_moe_statistics_and_balance_loss_gradient():
 def test_cached_decoding_equals_the_parallel_forward(window, n_experts):
     torch.manual_seed(2)
     model = BaselineLM(BaselineConfig.preset("tiny", window=window, n_experts=n_experts)).eval()
-    idx = torch.randint(0, 256, (2, 12), generator=_gen(10))
+    idx = torch.randint(0, 256, (2, 14), generator=_gen(10))
     full, _ = model(idx)
     caches = [KVCache() for _ in model.blocks]
-    prefix, _ = model(idx[:, :4], caches=caches)                 # a 4-token prompt, then one token at a time
-    steps = [prefix] + [model(idx[:, t:t + 1], caches=caches)[0] for t in range(4, 12)]
+    # a 7-token prompt (longer than the window), a 3-token chunk, then one token at a time
+    pieces = [(0, 7), (7, 10)] + [(t, t + 1) for t in range(10, 14)]
+    steps = [model(idx[:, a:b], caches=caches)[0] for a, b in pieces]
     assert_close(torch.cat(steps, dim=1), full, "cached decoding vs parallel forward")
     if window is not None:
         assert caches[0].k.shape[1] == window                    # the cache stays bounded

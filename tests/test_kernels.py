@@ -9,16 +9,18 @@ elsewhere, while their CUDA C is compile-checked with nvcc wherever it exists.
 
 from __future__ import annotations
 
+import re
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 import kernels
 from kernels import attention as attention_kernels
+from kernels import moe as moe_kernels
 from kernels import rmsnorm as rmsnorm_kernels
 from kernels.check import assert_close, poisoned_outputs, random_tensor
+from kernels.machine import device_for
 
 # numba CPU kernels take float32 and float64; the CUDA ones take float32.
 BACKEND_DTYPES = [pytest.param("numba", torch.float32, id="numba-fp32"),
@@ -26,12 +28,6 @@ BACKEND_DTYPES = [pytest.param("numba", torch.float32, id="numba-fp32"),
                   pytest.param("numba_cuda", torch.float32, id="numba_cuda-fp32"),
                   pytest.param("cupy", torch.float32, id="cupy-fp32")]
 SIMULATOR_BUDGET = 3_000_000  # rough count of inner-loop steps the simulator finishes in about a second
-
-
-def _device_for(backend: str) -> str:
-    if backend == "cupy" or (backend == "numba_cuda" and not kernels.cuda_simulator_enabled()):
-        return "cuda"
-    return "cpu"
 
 
 def _skip_unless_runnable(backend: str, work: int = 0) -> None:
@@ -55,7 +51,7 @@ RMS_SHAPES = {"rows3-C60": (3, 60), "B2-T5-C63": (2, 5, 63), "one-element": (1, 
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_rms_norm_kernel_vs_reference(backend, shape, dtype):
     _skip_unless_runnable(backend)
-    g, device = _gen(), _device_for(backend)
+    g, device = _gen(), device_for(backend)
     x = random_tensor(shape, dtype, device, g, scale=3.0)
     w = random_tensor(shape[-1:], dtype, device, g)
     expected = kernels.get("rms_norm", "reference")(x, w, 1e-5)
@@ -67,7 +63,7 @@ def test_rms_norm_kernel_vs_reference(backend, shape, dtype):
 @pytest.mark.parametrize("variant", rmsnorm_kernels.NUMBA_CUDA_LADDER)
 def test_rms_norm_numba_cuda_ladder_vs_reference(variant):
     _skip_unless_runnable("numba_cuda")
-    g, device = _gen(1), _device_for("numba_cuda")
+    g, device = _gen(1), device_for("numba_cuda")
     x, w = random_tensor((3, 70), device=device, generator=g), random_tensor((70,), device=device, generator=g)
     with poisoned_outputs():
         got = rmsnorm_kernels.NUMBA_CUDA_LADDER[variant](x, w)
@@ -96,6 +92,7 @@ ATTENTION_CASES = {
     "chunk-T5-S17-H4-G4-D10-window6": (1, 5, 17, 4, 4, 10, True, 6),
     "noncausal-T7-S11-H2-G1-D6": (1, 7, 11, 2, 1, 6, False, None),
 }
+LARGE_LOGITS = 8.0  # q scaled up so scores span tens of units: the softmax's max-rescaling must hold
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES.values(), ids=ATTENTION_CASES.keys())
@@ -103,14 +100,28 @@ ATTENTION_CASES = {
 def test_attention_kernel_vs_reference(backend, case, dtype):
     B, T, S, H, G, D, causal, window = case
     _skip_unless_runnable(backend, work=B * T * H * S * D)
-    g, device = _gen(3), _device_for(backend)
+    g, device = _gen(3), device_for(backend)
     q = random_tensor((B, T, H, D), dtype, device, g)
     k = random_tensor((B, S, G, D), dtype, device, g)
     v = random_tensor((B, S, G, D), dtype, device, g)
-    expected = kernels.get("attention", "reference")(q, k, v, causal=causal, window=window)
+    for q_scale in (1.0, LARGE_LOGITS):
+        expected = kernels.get("attention", "reference")(q * q_scale, k, v, causal=causal, window=window)
+        with poisoned_outputs():
+            got = kernels.get("attention", backend)(q * q_scale, k, v, causal=causal, window=window)
+        assert_close(got, expected, f"attention[{backend}], q x {q_scale}")
+
+
+@pytest.mark.parametrize("backend", ["numba", "numba_cuda"])
+def test_attention_kernel_takes_non_contiguous_inputs(backend):
+    _skip_unless_runnable(backend)
+    g, device = _gen(6), device_for(backend)
+    q = random_tensor((1, 10, 8, 2), device=device, generator=g).transpose(2, 3)   # [1, 10, 2, 8], heads strided
+    k = random_tensor((1, 20, 1, 8), device=device, generator=g)[:, ::2]           # [1, 10, 1, 8], every other step
+    v = random_tensor((1, 20, 1, 8), device=device, generator=g)[:, 1::2]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     with poisoned_outputs():
-        got = kernels.get("attention", backend)(q, k, v, causal=causal, window=window)
-    assert_close(got, expected, f"attention[{backend}]")
+        got = kernels.get("attention", backend)(q, k, v, window=3)
+    assert_close(got, kernels.get("attention", "reference")(q, k, v, window=3), f"strided attention[{backend}]")
 
 
 def test_attention_cupy_at_gpu_size():
@@ -150,7 +161,9 @@ def _moe_inputs(case, dtype, device, seed=5):
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_moe_dispatch_and_combine_kernels_vs_reference(backend, case, dtype):
     _skip_unless_runnable(backend)
-    x, index, E, weight, expert_out = _moe_inputs(case, dtype, _device_for(backend))
+    x, index, E, weight, expert_out = _moe_inputs(case, dtype, device_for(backend))
+    if dtype == torch.float64:
+        index = index.to(torch.int32)          # the kernels take int32 indices too
     ref_sorted, ref_offsets, ref_slot = kernels.get("moe_dispatch", "reference")(x, index, E)
     with poisoned_outputs():
         got_sorted, got_offsets, got_slot = kernels.get("moe_dispatch", backend)(x, index, E)
@@ -209,17 +222,63 @@ def test_moe_dispatch_bad_indices_are_value_errors():
         kernels.get("moe_dispatch", "numba")(x, torch.tensor([[0], [1]]), 3)
 
 
+def test_degenerate_sizes_are_value_errors():
+    with pytest.raises(ValueError, match="every size must be >= 1"):
+        kernels.get("attention", "numba")(torch.randn(1, 4, 2, 0), torch.randn(1, 4, 2, 0), torch.randn(1, 4, 2, 0))
+    with pytest.raises(ValueError, match="C >= 1"):
+        kernels.get("rms_norm", "numba")(torch.randn(3, 0), torch.randn(0))
+    with pytest.raises(ValueError, match="k >= 1"):
+        kernels.get("moe_dispatch", "numba")(torch.randn(3, 4), torch.zeros(3, 0, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="N >= 1"):
+        kernels.get("moe_dispatch", "numba")(torch.randn(0, 4), torch.zeros(0, 1, dtype=torch.long), 2)
+
+
+@pytest.mark.parametrize("backend", ["numba_cuda", "cupy"])
+def test_head_dim_beyond_the_cuda_accumulator_is_a_value_error(backend):
+    _skip_unless_runnable(backend)
+    q = torch.randn(1, 2, 1, attention_kernels.MAX_HEAD_DIM + 2, device=device_for(backend))
+    with pytest.raises(ValueError, match=f"head dimension D <= {attention_kernels.MAX_HEAD_DIM}"):
+        kernels.get("attention", backend)(q, q, q)
+
+
 # ---------------------------------------------------------------- CUDA C compiles
 
-CU_FILES = sorted(Path(kernels.__file__).parent.glob("*.cu"))
+KERNEL_MODULES = [rmsnorm_kernels, attention_kernels, moe_kernels]
 
 
-@pytest.mark.parametrize("cu_file", CU_FILES, ids=[p.name for p in CU_FILES])
-def test_cuda_source_compiles_with_nvcc(cu_file, tmp_path):
+@pytest.mark.parametrize("module", KERNEL_MODULES, ids=[m.CU_SOURCE.name for m in KERNEL_MODULES])
+def test_cuda_source_compiles_with_nvcc(module, tmp_path):
     nvcc = kernels.machine.nvcc_path()
     if nvcc is None:
         pytest.skip("nvcc is not installed on this machine")
-    result = subprocess.run([nvcc, "-ptx", "-arch=sm_80", "-std=c++17", str(cu_file), "-o", str(tmp_path / "out.ptx")],
+    ptx = tmp_path / "out.ptx"
+    result = subprocess.run([nvcc, "-ptx", "-arch=sm_80", "-std=c++17", str(module.CU_SOURCE), "-o", str(ptx)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "out.ptx").stat().st_size > 0
+    assert set(module.CUPY_ENTRY_POINTS) <= _ptx_entries(ptx.read_text())
+
+
+@pytest.mark.parametrize("module", KERNEL_MODULES, ids=[m.CU_SOURCE.name for m in KERNEL_MODULES])
+def test_cuda_source_compiles_with_nvrtc_as_cupy_will(module):
+    """CuPy's RawModule compiles with NVRTC, which (unlike nvcc) has no host headers such as math.h."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+    except Exception as err:  # missing library or CuPy: the error type depends on which
+        pytest.skip(f"NVRTC is not loadable here ({type(err).__name__}: {err})")
+    program = nvrtc.createProgram(module.CU_SOURCE.read_text(), module.CU_SOURCE.name, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(program, ["-arch=compute_80", "-std=c++17"])
+        except nvrtc.NVRTCError:
+            pytest.fail(nvrtc.getProgramLog(program))
+        ptx = nvrtc.getPTX(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    assert set(module.CUPY_ENTRY_POINTS) <= _ptx_entries(ptx)
+
+
+def _ptx_entries(ptx: str) -> set[str]:
+    """Names of the kernels (`.entry name(`) in PTX text."""
+    return set(re.findall(r"\.entry\s+(\w+)\s*\(", ptx))
