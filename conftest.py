@@ -4,8 +4,6 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent
 
 # Notebooks run by nbmake inherit this environment: small and fast, figures kept out of the tree.
@@ -17,5 +15,3 @@ import kernels  # noqa: E402  (decides numba's CUDA target: the simulator when n
 # The simulator runs each CUDA thread as a Python thread; frequent switches make syncthreads fast.
 if kernels.cuda_simulator_enabled():
     sys.setswitchinterval(1e-4)
-
-requires_gpu = pytest.mark.skipif(not kernels.has_cuda_gpu(), reason="needs a CUDA GPU; this machine has none")

@@ -53,7 +53,7 @@ def _prepare(q, k, v, causal, window, scale, backend, dtypes):
     if backend != "numba" and D > MAX_HEAD_DIM:
         raise ValueError(f"attention: {backend} kernels support head dimension D <= {MAX_HEAD_DIM}, got {D}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    window_arg = 0 if window is None else window  # 0 means "no window" inside the kernels
+    window_arg = 0 if window is None or window >= S else window  # 0 means "no window" inside the kernels
     out = new_output((B, T, H, D), q.dtype, q.device)
     return (B, T, H, S, G, D), scale, window_arg, out
 
