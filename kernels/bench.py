@@ -578,8 +578,9 @@ def results_markdown(record: dict) -> str:
     lines = [f"**{record['benchmark']}** on {where}, measured {info['date_utc']} with torch {info['versions']['torch']}"
              f" (`{record['script']}`). Speed-up: the reference's median time over the variant's; > 1 is faster.", "",
              "| case | variant | median | speed-up vs reference | vs torch.compile |", "|---|---|---|---|---|"]
+    order = {"reference": 0, "torch.compile": 2, "eager builtin": 3}  # kernels (1) between the reference and PyTorch's
     for result in record["results"]:
-        for name, variant in result["variants"].items():
+        for name, variant in sorted(result["variants"].items(), key=lambda item: (order.get(item[0], 1), item[0])):
             if variant["timing"] is None:
                 lines.append(f"| {result['label']} | {name} | failed the correctness gate | | |")
                 continue
