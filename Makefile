@@ -32,7 +32,9 @@ test: $(STAMP)
 lab: $(STAMP)
 	@token=$$($(BIN)/python -c "import secrets; print(secrets.token_hex(16))"); \
 	echo "Open http://127.0.0.1:$(PORT)/lab?token=$$token"; \
-	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --IdentityProvider.token=$$token --notebook-dir=notebooks
+	root_flag=$$([ "$$(id -u)" = 0 ] && echo --allow-root); \
+	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --IdentityProvider.token=$$token \
+		--notebook-dir=notebooks $$root_flag
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/shared_blocks.py
