@@ -71,7 +71,7 @@ def _cupy_status() -> str:
     except ImportError as err:
         return f"unavailable: cupy is not installed ({err})"
     if not has_cuda_gpu():
-        return "unavailable: CuPy kernels need a CUDA GPU and this machine has none (their CUDA C is still compile-checked with nvcc)"
+        return "unavailable: CuPy kernels need a CUDA GPU and this machine has none (their CUDA C is still compiled by the tests, with nvcc and NVRTC)"
     try:
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as err:  # the CUDA runtime's own error types vary by version
