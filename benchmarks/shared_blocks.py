@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
-from kernels.bench import benchmark_op, measure_ceilings, plot_ratios, provenance  # noqa: E402
+from kernels.bench import benchmark_op, measure_ceilings, plot_ratios, print_table, provenance  # noqa: E402
 from kernels.check import example_inputs, example_shapes  # noqa: E402
 from refimpl import ops  # noqa: E402
 from refimpl.io import write_json  # noqa: E402
@@ -113,32 +113,6 @@ def missing_kernels(device: str) -> list[str]:
     needed = ["reference"] + BACKENDS[device]
     return [f"{op}: {backend}" for op in dict.fromkeys(case[1] for case in CASES)
             for backend in needed if backend not in have.get(op, [])]
-
-
-def print_table(results: list[dict], ceilings: dict) -> None:
-    copy = ceilings["copy"]
-    mm = ceilings["matmul_fp32"]
-    print(f"\nceilings: copy {copy['value']:.1f} {copy['unit']}, fp32 matmul {mm['value']:.1f} {mm['unit']}")
-    header = f"{'case':<24} {'variant':<15} {'median':>11} {'p10-p90':>19} {'vs ref':>8} {'vs compile':>10} {'% copy BW':>9}"
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        for name, v in r["variants"].items():
-            if v["timing"] is None:
-                why = v["gate"]["error"] or "; ".join(c["message"] for c in v["gate"]["comparisons"] if not c["passed"])
-                print(f"{r['label']:<24} {name:<15} FAILED GATE, not timed: {why[:80]}")
-                continue
-            t = v["timing"]
-            vs_compile = v["speedup_vs_torch_compile"]
-            fraction = v.get("fraction_of_copy_bandwidth")
-            print(f"{r['label']:<24} {name:<15} {t['median_s'] * 1e6:9.1f}us "
-                  f"{t['p10_s'] * 1e6:8.1f}-{t['p90_s'] * 1e6:8.1f}us "
-                  f"{v['speedup_vs_reference']:7.2f}x "
-                  f"{'' if vs_compile is None else f'{vs_compile:9.2f}x':>10} "
-                  f"{'' if fraction is None else f'{100 * fraction:8.1f}%':>9}")
-        compiled = r["variants"].get("torch.compile")
-        if compiled and compiled.get("compile_seconds") is not None:
-            print(f"{'':<24} (torch.compile took {compiled['compile_seconds']:.1f} s to compile; not in its timing)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from kernels.machine import backend_status, cuda_simulator_enabled, has_cuda_gpu
 from kernels.registry import BACKENDS, KernelNotFound, get, register, registered, use
 
 # Importing an op's module registers its kernels.
-from kernels import attention, moe, rmsnorm  # noqa: E402,F401  (after machine)
+from kernels import attention, gated_delta_rule, moe, rmsnorm  # noqa: E402,F401  (after machine)
 
 __all__ = ["BACKENDS", "KernelNotFound", "backend_status", "cuda_simulator_enabled", "get", "has_cuda_gpu",
            "register", "registered", "runnable_backends", "use", "machine"]

@@ -52,7 +52,7 @@ from kernels.tensors import poisoned_outputs
 from refimpl.io import save_figure_atomically
 
 __all__ = ["Timing", "time_cpu", "time_cuda", "measure_ceilings", "provenance", "benchmark_op", "plot_ratios",
-           "results_markdown",
+           "print_table", "results_markdown",
            "json_safe"]
 
 L2_FLUSH_BYTES = 256 * 2**20  # larger than the L2 cache of any current NVIDIA GPU (H100: 50 MB)
@@ -361,7 +361,8 @@ def benchmark_op(op: str, make_inputs: Callable[[str, int], tuple[tuple, dict]],
                  *, compile: bool = True, eager_builtin: Callable | None = None, eager_builtin_name: str | None = None,
                  device: str = "cpu", label: str | None = None, kernel_overrides: dict[str, Callable] | None = None,
                  ceilings: dict | None = None, flops: float | None = None, warmup: int = 3,
-                 repeats: int | None = None, min_seconds: float = 0.5, n_input_sets: int = 4) -> dict:
+                 repeats: int | None = None, min_seconds: float = 0.5, n_input_sets: int = 4,
+                 reference: Callable | None = None) -> dict:
     """Gate, then time, every variant of `op` on the same inputs; return plain data for JSON.
 
     op             a name in the kernel registry ("rms_norm", "attention", ...); its
@@ -374,7 +375,10 @@ def benchmark_op(op: str, make_inputs: Callable[[str, int], tuple[tuple, dict]],
                    False skips it (tests: compiling takes tens of seconds on a CPU).
     eager_builtin  optional PyTorch built-in with the op's signature (an adapter around, say,
                    F.scaled_dot_product_attention); named by `eager_builtin_name`.
-    kernel_overrides  {backend name: callable} used instead of the registry (for tests).
+    kernel_overrides  {backend name: callable} used instead of the registry (for tests, or to time
+                   another form of the reference side by side).
+    reference      the truth and baseline, if not the registered reference op (e.g. a recurrence's
+                   step loop, when the registered op is its chunked form); torch.compile compiles it.
     ceilings       from measure_ceilings(device): adds achieved bandwidth (bytes of inputs +
                    outputs / median time) and, given `flops`, achieved FLOP/s, each as a
                    fraction of the ceiling. On the CPU the inputs stay in cache between runs
@@ -392,7 +396,8 @@ def benchmark_op(op: str, make_inputs: Callable[[str, int], tuple[tuple, dict]],
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("benchmark_op(device='cuda') needs a CUDA GPU; torch.cuda.is_available() is False")
     overrides = dict(kernel_overrides or {})
-    reference = get(op, "reference")  # KernelNotFound names what is registered
+    if reference is None:
+        reference = get(op, "reference")  # KernelNotFound names what is registered
 
     # Which callables to run, in report order. Refuse what cannot be timed here, up front.
     variants: dict[str, dict] = {"reference": {"kind": "reference", "fn": reference,
@@ -567,6 +572,33 @@ def plot_ratios(results: list[dict], path: str | os.PathLike, provenance: dict |
 
     save_figure_atomically(fig, path, dpi=150)
     return fig
+
+
+def print_table(results: list[dict], ceilings: dict) -> None:
+    """A benchmark run as a plain-text table on stdout: median, spread, speed-ups, share of copy bandwidth."""
+    copy = ceilings["copy"]
+    mm = ceilings["matmul_fp32"]
+    print(f"\nceilings: copy {copy['value']:.1f} {copy['unit']}, fp32 matmul {mm['value']:.1f} {mm['unit']}")
+    header = f"{'case':<24} {'variant':<15} {'median':>11} {'p10-p90':>19} {'vs ref':>8} {'vs compile':>10} {'% copy BW':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        for name, v in r["variants"].items():
+            if v["timing"] is None:
+                why = v["gate"]["error"] or "; ".join(c["message"] for c in v["gate"]["comparisons"] if not c["passed"])
+                print(f"{r['label']:<24} {name:<15} FAILED GATE, not timed: {why[:80]}")
+                continue
+            t = v["timing"]
+            vs_compile = v["speedup_vs_torch_compile"]
+            fraction = v.get("fraction_of_copy_bandwidth")
+            print(f"{r['label']:<24} {name:<15} {t['median_s'] * 1e6:9.1f}us "
+                  f"{t['p10_s'] * 1e6:8.1f}-{t['p90_s'] * 1e6:8.1f}us "
+                  f"{v['speedup_vs_reference']:7.2f}x "
+                  f"{'' if vs_compile is None else f'{vs_compile:9.2f}x':>10} "
+                  f"{'' if fraction is None else f'{100 * fraction:8.1f}%':>9}")
+        compiled = r["variants"].get("torch.compile")
+        if compiled and compiled.get("compile_seconds") is not None:
+            print(f"{'':<24} (torch.compile took {compiled['compile_seconds']:.1f} s to compile; not in its timing)")
 
 
 def results_markdown(record: dict) -> str:

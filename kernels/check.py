@@ -117,12 +117,12 @@ def example_shapes(size: str) -> dict:
 
 
 def example_inputs(size: str = "tiny", device="cpu", seed: int = 0) -> dict:
-    """Every shared op's example inputs, {case name: (op, args, kwargs)}, at `tiny` or `small` size."""
-    from kernels import attention, moe, rmsnorm
+    """Every registered op's example inputs, {case name: (op, args, kwargs)}, at `tiny` or `small` size."""
+    from kernels import attention, gated_delta_rule, moe, rmsnorm
     shapes = example_shapes(size)
     generator = torch.Generator().manual_seed(seed)
     cases = {}
-    for module in (rmsnorm, attention, moe):
+    for module in (rmsnorm, attention, moe, gated_delta_rule):
         for case, (args, kwargs) in module.example_inputs(shapes, generator).items():
             args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
             cases[case] = (case.split(" ")[0], args, kwargs)

@@ -17,6 +17,7 @@ import torch
 
 import kernels
 from kernels import attention as attention_kernels
+from kernels import gated_delta_rule as gated_delta_rule_kernels
 from kernels import moe as moe_kernels
 from kernels import rmsnorm as rmsnorm_kernels
 from kernels.check import assert_close, poisoned_outputs, random_tensor
@@ -243,7 +244,7 @@ def test_head_dim_beyond_the_cuda_accumulator_is_a_value_error(backend):
 
 # ---------------------------------------------------------------- CUDA C compiles
 
-KERNEL_MODULES = [rmsnorm_kernels, attention_kernels, moe_kernels]
+KERNEL_MODULES = [rmsnorm_kernels, attention_kernels, moe_kernels, gated_delta_rule_kernels]
 
 
 @pytest.mark.parametrize("module", KERNEL_MODULES, ids=[m.CU_SOURCE.name for m in KERNEL_MODULES])
