@@ -121,16 +121,16 @@ class GroupedQueryAttention(nn.Module):
     """Causal attention with H query heads sharing G key/value heads, RoPE on q and k."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, window: int | None = None,
-                 rope_base: float = 10000.0):
+                 rope_base: float = 10000.0, head_dim: int | None = None):
         super().__init__()
         if n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads:
             raise ValueError(f"GQA: n_heads={n_heads} must be a positive multiple of n_kv_heads={n_kv_heads}")
-        if dim % n_heads:
-            raise ValueError(f"GQA: dim={dim} must be divisible by n_heads={n_heads}")
+        if head_dim is None and dim % n_heads:
+            raise ValueError(f"GQA: dim={dim} must be divisible by n_heads={n_heads} (or pass head_dim)")
         if window is not None and window < 1:
             raise ValueError(f"GQA: window must be >= 1 or None, got {window}")
         self.n_heads, self.n_kv_heads, self.window = n_heads, n_kv_heads, window
-        self.head_dim = dim // n_heads
+        self.head_dim = head_dim or dim // n_heads
         self.rope_base = rope_base
         self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
