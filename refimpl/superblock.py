@@ -302,3 +302,72 @@ def experts_to_reach(cfg: SuperblockConfig, target: float = 235e9) -> int:
     without = parameter_count(replace(cfg, n_experts=1, top_k=1))["total"]
     per_expert = cfg.n_superblocks * 2 * (3 * cfg.d_model * cfg.expert_hidden + cfg.d_model)
     return max(1, math.ceil((target - without) / per_expert) + 1)
+
+
+# ----------------------------------------------------------------------------
+# Decoding: plain greedy, and self-speculative with the MTP heads
+# ----------------------------------------------------------------------------
+
+def _snapshot(states: list[SuperblockState]) -> list[tuple]:
+    return [(s.gdn.S, s.gdn.conv, s.kv.k, s.kv.v, s.kv.seen) for s in states]
+
+
+def _restore(states: list[SuperblockState], saved: list[tuple]) -> None:
+    for s, (S, conv, k, v, seen) in zip(states, saved):
+        s.gdn.S, s.gdn.conv, s.kv.k, s.kv.v, s.kv.seen = S, conv, k, v, seen
+
+
+@torch.no_grad()
+def greedy_generate(model: SuperblockLM, prompt: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, dict]:
+    """Greedy decoding, one forward pass per new token: [B, T0] -> ([B, T0 + n_tokens], stats)."""
+    states = model.new_state()
+    h, _ = model.hidden(prompt, states)
+    out, passes = [prompt], 1
+    for i in range(n_tokens):
+        nxt = model.logits(h[:, -1:]).argmax(-1)                           # [B, 1]
+        out.append(nxt)
+        if i + 1 < n_tokens:
+            h, _ = model.hidden(nxt, states)
+            passes += 1
+    return torch.cat(out, dim=1), {"forward_passes": passes, "new_tokens": n_tokens}
+
+
+@torch.no_grad()
+def speculative_generate(model: SuperblockLM, prompt: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, dict]:
+    """Self-speculative greedy decoding (Gloeckle et al. 2024, section 3.2), batch size 1.
+
+    From the last position the main head and the J-1 MTP heads draft J tokens at once; one
+    forward pass over the drafts verifies them: draft i is accepted while it equals the main
+    head's greedy choice after drafts 1..i-1. The output is identical to `greedy_generate`.
+    When a draft is rejected, the recurrent state (Gated DeltaNet memory, KV cache) has already
+    consumed the rejected tokens, so it is restored and the accepted ones are fed again: that
+    repair is a forward pass too, and it is counted.
+    """
+    if prompt.shape[0] != 1:
+        raise ValueError(f"speculative_generate decodes one sequence at a time, got batch {prompt.shape[0]}")
+    states = model.new_state()
+    h, _ = model.hidden(prompt, states)
+    passes, accepted_counts, produced = 1, [], []
+    while len(produced) < n_tokens:
+        last = h[:, -1:]                                                    # [1, 1, C]
+        drafts = [model.logits(last).argmax(-1)] + [model.logits(hj).argmax(-1) for hj in model.mtp(last)]
+        drafts = torch.cat(drafts, dim=1)[:, : n_tokens - len(produced)]    # [1, J'] draft tokens
+        saved = _snapshot(states)
+        h_verify, _ = model.hidden(drafts, states)                          # one pass over every draft
+        passes += 1
+        choice = model.logits(h_verify).argmax(-1)                          # [1, J'] greedy token after each draft
+        n_ok = 1                                                            # draft 1 is the main head's own choice
+        while n_ok < drafts.shape[1] and drafts[0, n_ok] == choice[0, n_ok - 1]:
+            n_ok += 1
+        produced += drafts[0, :n_ok].tolist()
+        accepted_counts.append(n_ok)
+        if n_ok == drafts.shape[1]:
+            h = h_verify                                                    # the state is already right
+        else:
+            _restore(states, saved)                                         # undo the rejected drafts
+            h, _ = model.hidden(drafts[:, :n_ok], states)
+            passes += 1
+    out = torch.cat([prompt, torch.tensor([produced[:n_tokens]], device=prompt.device)], dim=1)
+    return out, {"forward_passes": passes, "new_tokens": n_tokens,
+                 "mean_accepted_per_draft": sum(accepted_counts) / len(accepted_counts),
+                 "drafts": len(accepted_counts)}

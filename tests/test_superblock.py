@@ -9,8 +9,8 @@ import torch
 
 from kernels.check import assert_close
 from refimpl.blocks import TopKMoE
-from refimpl.superblock import (LAYOUTS, SuperblockConfig, SuperblockLM, experts_to_reach, parameter_count,
-                                sinusoidal_positions)
+from refimpl.superblock import (LAYOUTS, SuperblockConfig, SuperblockLM, experts_to_reach, greedy_generate,
+                                parameter_count, sinusoidal_positions, speculative_generate)
 
 
 def _model(**overrides) -> SuperblockLM:
@@ -113,3 +113,15 @@ def test_bad_configs_are_value_errors():
         SuperblockConfig(n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError, match="longer than max_seq_len"):
         _model()(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"window": 4}, {"mtp_horizons": 1}], ids=["default", "window4", "no-mtp"])
+def test_speculative_decoding_gives_exactly_the_greedy_output(overrides):
+    model = _model(**overrides)
+    for seed in range(3):
+        prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(seed))
+        greedy, greedy_stats = greedy_generate(model, prompt, 17)
+        fast, stats = speculative_generate(model, prompt, 17)
+        assert torch.equal(fast, greedy)
+        assert greedy_stats["forward_passes"] == 17
+        assert 1 <= stats["mean_accepted_per_draft"] <= model.cfg.mtp_horizons
