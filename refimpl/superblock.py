@@ -305,7 +305,7 @@ def experts_to_reach(cfg: SuperblockConfig, target: float = 235e9) -> int:
 
 
 # ----------------------------------------------------------------------------
-# Decoding: plain greedy, and self-speculative with the MTP heads
+# Decoding: one token per pass (greedy or sampled), and self-speculative with the MTP heads
 # ----------------------------------------------------------------------------
 
 def _snapshot(states: list[SuperblockState]) -> list[tuple]:
@@ -318,13 +318,24 @@ def _restore(states: list[SuperblockState], saved: list[tuple]) -> None:
 
 
 @torch.no_grad()
-def greedy_generate(model: SuperblockLM, prompt: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, dict]:
-    """Greedy decoding, one forward pass per new token: [B, T0] -> ([B, T0 + n_tokens], stats)."""
+def generate(model: SuperblockLM, prompt: torch.Tensor, n_tokens: int, temperature: float = 0.0,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """The write-up's last layer, "softmax / sampling": one forward pass per new token.
+
+    temperature 0 -> greedy (argmax); > 0 -> sample from softmax(logits / temperature).
+    [B, T0] -> ([B, T0 + n_tokens], stats).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     states = model.new_state()
     h, _ = model.hidden(prompt, states)
     out, passes = [prompt], 1
     for i in range(n_tokens):
-        nxt = model.logits(h[:, -1:]).argmax(-1)                           # [B, 1]
+        logits = model.logits(h[:, -1]).float()                            # [B, V]
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)                           # [B, 1]
+        else:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)
         out.append(nxt)
         if i + 1 < n_tokens:
             h, _ = model.hidden(nxt, states)
@@ -338,7 +349,7 @@ def speculative_generate(model: SuperblockLM, prompt: torch.Tensor, n_tokens: in
 
     From the last position the main head and the J-1 MTP heads draft J tokens at once; one
     forward pass over the drafts verifies them: draft i is accepted while it equals the main
-    head's greedy choice after drafts 1..i-1. The output is identical to `greedy_generate`.
+    head's greedy choice after drafts 1..i-1. The output is identical to `generate` (greedy).
     When a draft is rejected, the recurrent state (Gated DeltaNet memory, KV cache) has already
     consumed the rejected tokens, so it is restored and the accepted ones are fed again: that
     repair is a forward pass too, and it is counted.

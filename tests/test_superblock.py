@@ -9,7 +9,7 @@ import torch
 
 from kernels.check import assert_close
 from refimpl.blocks import TopKMoE
-from refimpl.superblock import (LAYOUTS, SuperblockConfig, SuperblockLM, experts_to_reach, greedy_generate,
+from refimpl.superblock import (LAYOUTS, SuperblockConfig, SuperblockLM, experts_to_reach, generate,
                                 parameter_count, sinusoidal_positions, speculative_generate)
 
 
@@ -120,8 +120,21 @@ def test_speculative_decoding_gives_exactly_the_greedy_output(overrides):
     model = _model(**overrides)
     for seed in range(3):
         prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(seed))
-        greedy, greedy_stats = greedy_generate(model, prompt, 17)
+        greedy, greedy_stats = generate(model, prompt, 17)
         fast, stats = speculative_generate(model, prompt, 17)
         assert torch.equal(fast, greedy)
         assert greedy_stats["forward_passes"] == 17
         assert 1 <= stats["mean_accepted_per_draft"] <= model.cfg.mtp_horizons
+
+
+def test_sampling_follows_the_temperature():
+    model = _model()
+    prompt = torch.randint(0, 256, (2, 4), generator=torch.Generator().manual_seed(5))
+    a, _ = generate(model, prompt, 8, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    b, _ = generate(model, prompt, 8, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    greedy, _ = generate(model, prompt, 8)
+    assert torch.equal(a, b) and a.shape == (2, 12) and torch.equal(a[:, :4], prompt)
+    cold, _ = generate(model, prompt, 8, temperature=1e-4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(cold, greedy)                          # near-zero temperature is greedy
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        generate(model, prompt, 2, temperature=-1.0)
