@@ -42,7 +42,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def check_mlstm_args(q, k, v, i_pre, f_pre, initial_state):
