@@ -159,3 +159,91 @@ class MLSTMLayer(nn.Module):
                                    "cell_norm": new_state[0].detach().flatten(2).norm(dim=-1)}  # [B, H]
         y = torch.sigmoid(self.out_gate(x)) * h.reshape(B, T, H * D)                  # [B, T, hidden]
         return self.out_proj(y)                                                       # [B, T, C]
+
+
+# ----------------------------------------------------------------------------
+# Fast-weight memory (Schmidhuber 1992; Ba et al. 2016, arXiv:1610.06258; Schlag et al. 2021,
+# arXiv:2102.11174), as the write-up gives it but trainable
+# ----------------------------------------------------------------------------
+#
+# Per head, with W [Dk, Dv] starting at zero (or a carried state), for each token:
+#     r_t = W^T q_t                                   read first
+#     W  <- decay * W + strength * sigmoid(gate_t) * k_t v_t^T     then decay, then write
+# Unrolled: r_t = decay^t W_0^T q_t + sum_{s<t} decay^(t-1-s) a_s (k_s . q_t) v_s, with a_s = strength * sigmoid(gate_s).
+# Unlike the public code (notes/public-code.md), nothing is detached: gradients reach the key, value and
+# gate projections, and every batch element has its own W.
+
+def check_fast_weight_args(q, k, v, gate, initial_state):
+    """Validate the fast-weight memory's arguments; return (B, T, H, Dk, Dv)."""
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"fast_weight_memory: q and k must both be [B, T, H, Dk], got {list(q.shape)} and {list(k.shape)}")
+    B, T, H, Dk = q.shape
+    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"fast_weight_memory: v must be [B, T, H, Dv] = [{B}, {T}, {H}, Dv], got {list(v.shape)}")
+    if tuple(gate.shape) != (B, T, H):
+        raise ValueError(f"fast_weight_memory: gate must be [B, T, H] = [{B}, {T}, {H}], got {list(gate.shape)}")
+    Dv = v.shape[3]
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, Dk, Dv):
+        raise ValueError(f"fast_weight_memory: initial_state must be [B, H, Dk, Dv] = [{B}, {H}, {Dk}, {Dv}]")
+    return B, T, H, Dk, Dv
+
+
+def fast_weight_memory_recurrent(q, k, v, gate, decay: float = 0.95, strength: float = 0.1, initial_state=None):
+    """The step loop. q, k [B, T, H, Dk], v [B, T, H, Dv], gate [B, T, H] (pre-sigmoid)
+    -> (reads r [B, T, H, Dv], final W [B, H, Dk, Dv])."""
+    B, T, H, Dk, Dv = check_fast_weight_args(q, k, v, gate, initial_state)
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"fast_weight_memory: decay must be in [0, 1], got {decay}")
+    W = initial_state if initial_state is not None else q.new_zeros(B, H, Dk, Dv)
+    reads = []
+    for t in range(T):
+        reads.append(torch.einsum("bhkv,bhk->bhv", W, q[:, t]))                      # read before writing
+        a = strength * torch.sigmoid(gate[:, t])                                      # [B, H]
+        W = decay * W + a[..., None, None] * k[:, t, :, :, None] * v[:, t, :, None, :]
+    return torch.stack(reads, dim=1), W
+
+
+def fast_weight_memory_parallel(q, k, v, gate, decay: float = 0.95, strength: float = 0.1, initial_state=None):
+    """All reads at once: r = (M o Q K^T)(a V) + decay^t Q W_0, M_ts = decay^(t-1-s) for s < t. Same returns."""
+    B, T, H, Dk, Dv = check_fast_weight_args(q, k, v, gate, initial_state)
+    t = torch.arange(T, device=q.device, dtype=q.dtype)
+    power = (t[:, None] - 1 - t[None, :])                                             # t - 1 - s
+    strictly_past = power >= 0
+    M = torch.where(strictly_past, decay ** power.clamp_min(0), torch.zeros_like(power))  # [T, T]
+    a = strength * torch.sigmoid(gate)                                                # [B, T, H]
+    scores = torch.einsum("bthk,bshk->bhts", q, k) * M                                # [B, H, T, T]
+    reads = torch.einsum("bhts,bshv->bthv", scores, a[..., None] * v)                 # [B, T, H, Dv]
+    W = torch.einsum("s,bshk,bshv->bhkv", decay ** (T - 1 - t), k * a[..., None], v)  # [B, H, Dk, Dv]
+    if initial_state is not None:
+        reads = reads + (decay ** t)[None, :, None, None] * torch.einsum("bhkv,bthk->bthv", initial_state, q)
+        W = W + decay ** T * initial_state
+    return reads, W
+
+
+class FastWeightMemory(nn.Module):
+    """The write-up's module: per-head q, k, v and a write gate projected from x, the memory above,
+    reads projected back to d_model. x: [B, T, C] -> [B, T, C]. Pass `state` (a one-element list) to carry
+    W across calls; leave it None (or empty) to start each sequence from an empty memory."""
+
+    def __init__(self, dim: int, n_heads: int = 8, head_dim: int = 64, decay: float = 0.95, strength: float = 0.1):
+        super().__init__()
+        if min(dim, n_heads, head_dim) < 1:
+            raise ValueError("FastWeightMemory: dim, n_heads, head_dim must be >= 1")
+        self.n_heads, self.head_dim, self.decay, self.strength = n_heads, head_dim, decay, strength
+        self.qkv = nn.Linear(dim, 3 * n_heads * head_dim, bias=False)
+        self.gate = nn.Linear(dim, n_heads)
+        self.out_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.last_introspection: dict = {}
+
+    def forward(self, x: torch.Tensor, state: list | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, D = self.n_heads, self.head_dim
+        q, k, v = (t.view(B, T, H, D) for t in self.qkv(x).chunk(3, dim=-1))        # [B, T, H, D] each
+        gate = self.gate(x)                                                           # [B, T, H]
+        reads, W = fast_weight_memory_recurrent(q, k, v, gate, self.decay, self.strength, state[0] if state else None)
+        if state is not None:
+            state[:] = [W]
+        self.last_introspection = {"write_gate": torch.sigmoid(gate).detach(),                     # [B, T, H]
+                                   "head_utilisation": W.detach().flatten(2).norm(dim=-1),         # [B, H] Frobenius
+                                   "read_norm": reads.detach().norm(dim=-1)}                       # [B, T, H]
+        return self.out_proj(reads.reshape(B, T, H * D))                              # [B, T, C]
