@@ -247,3 +247,81 @@ class FastWeightMemory(nn.Module):
                                    "head_utilisation": W.detach().flatten(2).norm(dim=-1),         # [B, H] Frobenius
                                    "read_norm": reads.detach().norm(dim=-1)}                       # [B, T, H]
         return self.out_proj(reads.reshape(B, T, H * D))                              # [B, T, C]
+
+
+# ----------------------------------------------------------------------------
+# Hebbian pathways: which expert combinations fire together, persisted in SQLite
+# ----------------------------------------------------------------------------
+
+class HebbianPathways:
+    """The write-up's pathway table. For each token, the fired combination of experts (a "pathway",
+    named like "0+3") gains `lr`, then every strength is multiplied by `decay`. A pathway that fires on
+    every token settles at lr * decay / (1 - decay) (9.99 with the defaults 0.01 and 0.999).
+
+    Saved to and loaded from SQLite (the standard library's sqlite3): plain rows, no pickle; the
+    file is written to a temporary name and renamed, so a reader never sees half of it.
+    """
+
+    def __init__(self, lr: float = 0.01, decay: float = 0.999):
+        if not lr > 0 or not 0 < decay <= 1:
+            raise ValueError(f"HebbianPathways: need lr > 0 and decay in (0, 1], got lr={lr}, decay={decay}")
+        self.lr, self.decay = lr, decay
+        self.strengths: dict[str, float] = {}
+
+    @staticmethod
+    def name(experts) -> str:
+        return "+".join(str(int(e)) for e in sorted(experts))
+
+    def update(self, expert_index: torch.Tensor) -> None:
+        """expert_index: [N, k] chosen experts, tokens in order."""
+        if expert_index.dim() != 2:
+            raise ValueError(f"HebbianPathways.update expects [N, k] expert indices, got {list(expert_index.shape)}")
+        for row in expert_index.tolist():
+            key = self.name(row)
+            self.strengths[key] = self.strengths.get(key, 0.0) + self.lr
+            for other in self.strengths:
+                self.strengths[other] *= self.decay
+
+    def top(self, n: int = 10) -> list[tuple[str, float]]:
+        return sorted(self.strengths.items(), key=lambda item: -item[1])[:n]
+
+    def save(self, path) -> None:
+        import os
+        import sqlite3
+        import tempfile
+        from pathlib import Path
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            with sqlite3.connect(tmp) as db:
+                db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value REAL NOT NULL)")
+                db.execute("CREATE TABLE pathways (name TEXT PRIMARY KEY, strength REAL NOT NULL)")
+                db.executemany("INSERT INTO meta VALUES (?, ?)", [("lr", self.lr), ("decay", self.decay)])
+                db.executemany("INSERT INTO pathways VALUES (?, ?)", sorted(self.strengths.items()))
+            db.close()
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path) -> "HebbianPathways":
+        import sqlite3
+        from pathlib import Path
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no pathway database at {path}")
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            table = cls(lr=meta["lr"], decay=meta["decay"])
+            table.strengths = {str(name): float(s) for name, s in db.execute("SELECT name, strength FROM pathways")}
+        except (sqlite3.DatabaseError, KeyError) as err:
+            raise ValueError(f"{path} is not a pathway database: {err}") from None
+        finally:
+            db.close()
+        return table
