@@ -110,8 +110,8 @@ def example_shapes(size: str) -> dict:
     if size == "tiny":
         return dict(B=1, T=9, C=12, H=2, G=1, D=8, E=3, k=2, window=4)
     if size == "small":
-        from refimpl.baseline import PRESETS
-        p = PRESETS["small"]
+        from refimpl.baseline import BaselineConfig
+        p = BaselineConfig.preset("small")
         return dict(B=16, T=p.max_seq_len, C=p.d_model, H=p.n_heads, G=p.n_kv_heads, D=p.head_dim, E=4, k=2, window=32)
     raise ValueError(f"example size must be 'tiny' or 'small', got {size!r}")
 

@@ -20,10 +20,10 @@ extern "C" __global__ void gated_delta_rule_row_per_thread(
         const float* __restrict__ g, const float* __restrict__ beta, float* __restrict__ out,
         float* __restrict__ state, int B, int T, int H, int K, int V, float scale) {
     const long long row = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (row >= (long long)B * H * V) return;
+    if (row >= (long long)B * H * V || K > MAX_KEY_DIM) return;  // the wrapper refuses K > MAX_KEY_DIM first
     const int i = row % V, h = (row / V) % H, b = row / ((long long)H * V);
 
-    float S[MAX_KEY_DIM];
+    float S[MAX_KEY_DIM];   // 1 KB per thread: local memory (cached in L1), a first rung, not a fast one
     float* state_row = state + row * K;   // [B, H, V, K] row-major: row (b, h, i) starts at row * K
     for (int j = 0; j < K; ++j) S[j] = state_row[j];
 

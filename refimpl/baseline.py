@@ -16,7 +16,7 @@ anything fast. Kernels replace `refimpl.ops`, not this file.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -67,12 +67,12 @@ class BaselineConfig:
         """A named size (`tiny` for tests and CI, `small` for the book on a CPU), optionally adjusted."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return replace(PRESETS[name], **overrides)
+        return cls(**{**PRESETS[name], **overrides})  # derived sizes are derived again from the overrides
 
 
-PRESETS = {
-    "tiny": BaselineConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64),
-    "small": BaselineConfig(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128),
+PRESETS = {  # the arguments of each named size
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64),
+    "small": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128),
 }
 
 

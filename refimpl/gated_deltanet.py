@@ -59,9 +59,13 @@ def check_gated_delta_rule_args(q, k, v, g, beta, initial_state):
             raise ValueError(f"gated_delta_rule: {name} must be [B, T, H] = [{B}, {T}, {H}], got {list(t.shape)}")
     if min(B, T, H, K, V) < 1:
         raise ValueError(f"gated_delta_rule: every size must be >= 1, got q {list(q.shape)}, v {list(v.shape)}")
-    if initial_state is not None and tuple(initial_state.shape) != (B, H, V, K):
-        raise ValueError(f"gated_delta_rule: initial_state must be [B, H, V, K] = [{B}, {H}, {V}, {K}], "
-                         f"got {list(initial_state.shape)}")
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != (B, H, V, K):
+            raise ValueError(f"gated_delta_rule: initial_state must be a tensor [B, H, V, K] = [{B}, {H}, {V}, {K}], "
+                             f"got {list(getattr(initial_state, 'shape', [])) or type(initial_state).__name__}")
+        if initial_state.dtype != q.dtype or initial_state.device != q.device:
+            raise ValueError(f"gated_delta_rule: initial_state must match q's dtype and device ({q.dtype}, {q.device}), "
+                             f"got {initial_state.dtype}, {initial_state.device}")
     dtypes = {t.dtype for t in (q, k, v, g, beta)}
     if len(dtypes) > 1:
         raise ValueError(f"gated_delta_rule: q, k, v, g, beta must share a dtype, got {sorted(map(str, dtypes))}")
@@ -71,7 +75,7 @@ def check_gated_delta_rule_args(q, k, v, g, beta, initial_state):
 def _start_state(initial_state, B, H, V, K, like: torch.Tensor) -> torch.Tensor:
     if initial_state is None:
         return torch.zeros(B, H, V, K, dtype=like.dtype, device=like.device)
-    return initial_state.to(like.dtype)
+    return initial_state.to(like.dtype)  # the fp32 copy, when the chunked form promotes half precision
 
 
 def gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=None, scale: float | None = None):
@@ -105,8 +109,13 @@ def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, scale: float 
     I + A is unit lower-triangular, so U comes from one triangular solve instead of C steps.
     """
     B, T, H, K, V = check_gated_delta_rule_args(q, k, v, g, beta, initial_state)
-    if chunk_size < 1:
-        raise ValueError(f"gated_delta_rule_chunked: chunk_size must be >= 1, got {chunk_size}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"gated_delta_rule_chunked: chunk_size must be a positive int, got {chunk_size!r}")
+    if q.dtype in (torch.float16, torch.bfloat16):
+        # the triangular solve has no half-precision kernel: compute in fp32, return in the inputs' dtype
+        upcast = [t.float() for t in (q, k, v, g, beta)]
+        o, S = gated_delta_rule_chunked(*upcast, None if initial_state is None else initial_state.float(), scale, chunk_size)
+        return o.to(q.dtype), S.to(q.dtype)
     scale = K ** -0.5 if scale is None else scale
     C = chunk_size
     n_chunks = math.ceil(T / C)
@@ -174,9 +183,11 @@ class GatedDeltaNet(nn.Module):
     def __init__(self, dim: int, n_heads: int, head_dim: int | None = None, value_dim: int | None = None,
                  conv_size: int = 4, norm_eps: float = 1e-6):
         super().__init__()
+        if n_heads < 1:
+            raise ValueError(f"GatedDeltaNet: n_heads must be >= 1, got {n_heads}")
         head_dim = head_dim or dim // n_heads
         value_dim = value_dim or head_dim
-        if n_heads < 1 or head_dim < 1 or value_dim < 1 or conv_size < 1:
+        if head_dim < 1 or value_dim < 1 or conv_size < 1:
             raise ValueError(f"GatedDeltaNet: n_heads, head_dim, value_dim, conv_size must be >= 1, "
                              f"got {n_heads}, {head_dim}, {value_dim}, {conv_size}")
         self.n_heads, self.head_dim, self.value_dim, self.conv_size = n_heads, head_dim, value_dim, conv_size

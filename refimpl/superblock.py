@@ -25,7 +25,9 @@ Where the write-up is silent, the choices made here (and the switch that undoes 
                    present only with `mtp_in_every_block=True`: the write-up lists them, it does not say
                    what they feed, and they add nothing to the residual stream.
     positions      `absolute_positions=True` adds the sinusoidal encoding of "Positional Encoding"
-                   after the embedding; GQA also rotates q and k (RoPE), as Llama-style GQA does.
+                   after the embedding, scaled to the embedding's initial std (0.02): at amplitude 1 it
+                   drowns the tokens (two prompts' logits then differ by ~12%). GQA also rotates q and k
+                   (RoPE), as Llama-style GQA does.
 
 Glossary: B batch, T tokens, C d_model, V vocabulary, E experts, k experts per token,
 H heads, G key/value heads, D head dim, J = mtp_horizons.
@@ -64,6 +66,7 @@ class SuperblockConfig:
     mtp_in_every_block: bool = False  # the write-up's layers 7-8: a norm + MTP head per block (deep supervision)
     layout: str = "prenorm"          # "prenorm" or "as_written" (see the module docstring)
     absolute_positions: bool = True  # sinusoidal positional encoding after the embedding
+    position_scale: float = 0.02     # the encoding's amplitude: the embedding's initial std, so it does not drown the tokens
     dropout: float = 0.1             # after the embedding, as the write-up says
     conv_size: int = 4               # Gated DeltaNet short convolution length
     norm_eps: float = 1e-6           # every RMSNorm
@@ -83,6 +86,9 @@ class SuperblockConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k={self.top_k} must be <= n_experts={self.n_experts}")
+        for name in ("head_dim", "expert_hidden"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"SuperblockConfig.{name} must be >= 1 (or None to derive it), got {getattr(self, name)}")
         if self.head_dim is None:
             if self.d_model % self.n_heads:
                 raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} (or set head_dim)")
@@ -99,19 +105,19 @@ class SuperblockConfig:
         """`tiny` (tests, CI), `small` (the book on a CPU) or `paper` (the write-up's size: counted, not trained)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return replace(PRESETS[name], **overrides)
+        return cls(**{**PRESETS[name], **overrides})  # derived sizes are derived again from the overrides
 
 
-PRESETS = {
-    "tiny": SuperblockConfig(d_model=32, n_superblocks=1, n_heads=2, n_kv_heads=1, n_experts=3, top_k=2,
-                             mtp_horizons=3, max_seq_len=64),
-    "small": SuperblockConfig(d_model=96, n_superblocks=2, n_heads=4, n_kv_heads=2, n_experts=4, top_k=2,
-                              mtp_horizons=3, max_seq_len=128),
+PRESETS = {  # the arguments of each named size
+    "tiny": dict(d_model=32, n_superblocks=1, n_heads=2, n_kv_heads=1, n_experts=3, top_k=2,
+                 mtp_horizons=3, max_seq_len=64),
+    "small": dict(d_model=96, n_superblocks=2, n_heads=4, n_kv_heads=2, n_experts=4, top_k=2,
+                  mtp_horizons=3, max_seq_len=128),
     # The write-up's numbers: d 8192, 16 heads, 12 superblocks, vocabulary 50,432. It gives no expert
     # count or size, no KV-head count and no MTP depth: 4 KV heads, 8 experts of 4 d, top-2 and 4
     # horizons are placeholders; `experts_to_reach` solves for the expert count its 235B implies.
-    "paper": SuperblockConfig(vocab_size=50_432, d_model=8192, n_superblocks=12, n_heads=16, n_kv_heads=4,
-                              n_experts=8, top_k=2, expert_hidden=4 * 8192, mtp_horizons=4, max_seq_len=2048),
+    "paper": dict(vocab_size=50_432, d_model=8192, n_superblocks=12, n_heads=16, n_kv_heads=4,
+                  n_experts=8, top_k=2, expert_hidden=4 * 8192, mtp_horizons=4, max_seq_len=2048),
 }
 
 
@@ -221,7 +227,7 @@ class SuperblockLM(nn.Module):
         x = self.embed(idx)                                                   # [B, T, C]
         if self.cfg.absolute_positions:
             start = states[0].kv.seen if states is not None else 0
-            x = x + sinusoidal_positions(start + T, self.cfg.d_model, x.device, x.dtype)[start:]
+            x = x + self.cfg.position_scale * sinusoidal_positions(start + T, self.cfg.d_model, x.device, x.dtype)[start:]
         x = self.dropout(x)
         block_mtp = []
         for i, block in enumerate(self.blocks):
@@ -237,9 +243,10 @@ class SuperblockLM(nn.Module):
                 states: list[SuperblockState] | None = None):
         """idx: [B, T] -> (next-token logits [B, T, V], loss or None).
 
-        The loss: next-token cross-entropy + mtp_loss_weight * mean over horizons j = 2..J of the
-        cross-entropy of predicting token t+j at position t (+ the per-block MTP losses when
-        mtp_in_every_block) + aux_loss_weight * MoE load-balancing loss. `self.last_losses` keeps
+        The loss: next-token cross-entropy + mtp_loss_weight * the mean of the MTP terms + aux_loss_weight
+        * MoE load-balancing loss. The MTP terms are the cross-entropies of predicting token t+j at position
+        t for horizons j = 2..J of the top heads, and (with mtp_in_every_block) j = 1..J of every block's
+        heads, all averaged together; horizons longer than the sequence are left out. `self.last_losses` keeps
         each part as a float for plotting.
         """
         h, block_mtp = self.hidden(idx, states)
@@ -248,9 +255,10 @@ class SuperblockLM(nn.Module):
             return logits, None
         next_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         # targets[:, t] is token t+1; token t+j is targets[:, t+j-1]
-        mtp_terms = [self._horizon_loss(hj, targets, j) for j, hj in enumerate(self.mtp(h), start=2)]
+        T = targets.shape[1]
+        mtp_terms = [self._horizon_loss(hj, targets, j) for j, hj in enumerate(self.mtp(h), start=2) if j <= T]
         for extra in block_mtp:            # per-block heads: horizon 1 is extra[0], horizon j is extra[j-1]
-            mtp_terms += [self._horizon_loss(hj, targets, j) for j, hj in enumerate(extra, start=1)]
+            mtp_terms += [self._horizon_loss(hj, targets, j) for j, hj in enumerate(extra, start=1) if j <= T]
         mtp = torch.stack(mtp_terms).mean() if mtp_terms else torch.zeros((), device=idx.device)
         aux = sum(block.aux_loss for block in self.blocks)
         self.last_losses = {"next_token": next_token.item(), "mtp": mtp.item(), "aux": aux.item()}
@@ -259,8 +267,6 @@ class SuperblockLM(nn.Module):
     def _horizon_loss(self, hidden: torch.Tensor, targets: torch.Tensor, j: int) -> torch.Tensor:
         """Cross-entropy of predicting token t+j from position t (positions without one are left out)."""
         T = targets.shape[1]
-        if j > T:
-            return torch.zeros((), device=targets.device)
         logits = self.logits(hidden[:, : T - j + 1])                          # [B, T-j+1, V]
         return F.cross_entropy(logits.float().flatten(0, 1), targets[:, j - 1:].flatten())
 
@@ -317,6 +323,23 @@ def _restore(states: list[SuperblockState], saved: list[tuple]) -> None:
         s.gdn.S, s.gdn.conv, s.kv.k, s.kv.v, s.kv.seen = S, conv, k, v, seen
 
 
+def _check_decoding(model: SuperblockLM, n_tokens: int) -> None:
+    if model.training:
+        raise ValueError("decoding needs model.eval(): dropout would make every pass differ")
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
+
+
+def accepted_prefix(drafts: list[int], choices: list[int]) -> int:
+    """How many drafts survive verification. drafts[0] is the main head's own pick, so it always
+    stands; draft i (i >= 1) stands while it equals choices[i-1], the main head's greedy pick after
+    seeing drafts 0..i-1, and every earlier draft stood."""
+    n = 1
+    while n < len(drafts) and drafts[n] == choices[n - 1]:
+        n += 1
+    return n
+
+
 @torch.no_grad()
 def generate(model: SuperblockLM, prompt: torch.Tensor, n_tokens: int, temperature: float = 0.0,
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
@@ -327,6 +350,7 @@ def generate(model: SuperblockLM, prompt: torch.Tensor, n_tokens: int, temperatu
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    _check_decoding(model, n_tokens)
     states = model.new_state()
     h, _ = model.hidden(prompt, states)
     out, passes = [prompt], 1
@@ -354,8 +378,9 @@ def speculative_generate(model: SuperblockLM, prompt: torch.Tensor, n_tokens: in
     consumed the rejected tokens, so it is restored and the accepted ones are fed again: that
     repair is a forward pass too, and it is counted.
     """
-    if prompt.shape[0] != 1:
-        raise ValueError(f"speculative_generate decodes one sequence at a time, got batch {prompt.shape[0]}")
+    if prompt.dim() != 2 or prompt.shape[0] != 1:
+        raise ValueError(f"speculative_generate decodes one sequence [1, T0] at a time, got shape {list(prompt.shape)}")
+    _check_decoding(model, n_tokens)
     states = model.new_state()
     h, _ = model.hidden(prompt, states)
     passes, accepted_counts, produced = 1, [], []
@@ -367,9 +392,7 @@ def speculative_generate(model: SuperblockLM, prompt: torch.Tensor, n_tokens: in
         h_verify, _ = model.hidden(drafts, states)                          # one pass over every draft
         passes += 1
         choice = model.logits(h_verify).argmax(-1)                          # [1, J'] greedy token after each draft
-        n_ok = 1                                                            # draft 1 is the main head's own choice
-        while n_ok < drafts.shape[1] and drafts[0, n_ok] == choice[0, n_ok - 1]:
-            n_ok += 1
+        n_ok = accepted_prefix(drafts[0].tolist(), choice[0].tolist())
         produced += drafts[0, :n_ok].tolist()
         accepted_counts.append(n_ok)
         if n_ok == drafts.shape[1]:

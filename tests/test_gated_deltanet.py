@@ -101,10 +101,33 @@ def test_bad_arguments_are_value_errors():
         gated_delta_rule_recurrent(q, q, torch.randn(1, 4, 3, 3), g, g)
     with pytest.raises(ValueError, match=r"beta must be \[B, T, H\]"):
         gated_delta_rule_chunked(q, q, v, g, torch.zeros(1, 4))
-    with pytest.raises(ValueError, match=r"initial_state must be \[B, H, V, K\]"):
+    with pytest.raises(ValueError, match=r"initial_state must be a tensor \[B, H, V, K\]"):
         gated_delta_rule_chunked(q, q, v, g, g, torch.zeros(1, 2, 8, 3))
-    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         gated_delta_rule_chunked(q, q, v, g, g, chunk_size=0)
+    with pytest.raises(ValueError, match="initial_state must match q's dtype"):
+        gated_delta_rule_recurrent(q, q, v, g, g, torch.zeros(1, 2, 3, 8, dtype=torch.float64))
+
+
+def test_half_precision_runs_in_fp32_and_comes_back():
+    half = [t.bfloat16() for t in _inputs(CASES["B1-T17-H1-K8-V1"], torch.float32)]
+    o_ref, s_ref = gated_delta_rule_recurrent(*(t.float() for t in half))     # the same rounded inputs, in fp32
+    o, s = gated_delta_rule_chunked(*half)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.bfloat16
+    assert_close(o, o_ref.bfloat16(), "bf16 outputs vs fp32 on the same inputs")
+    assert_close(s, s_ref.bfloat16(), "bf16 state vs fp32 on the same inputs")
+
+
+def test_kernels_use_reaches_the_layer():
+    """The layer calls the op through its module, so `kernels.use` swaps it (forward only)."""
+    torch.manual_seed(0)
+    layer = GatedDeltaNet(32, n_heads=2).eval()
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        expected = layer(x)
+        with kernels.use("numba", ops=["gated_delta_rule"]):
+            got = layer(x)
+    assert_close(got, expected, "layer with the numba gated delta rule")
 
 
 # ---------------------------------------------------------------- kernels vs the step loop
@@ -139,12 +162,12 @@ def test_gated_delta_rule_kernel_without_initial_state():
 
 def test_gated_delta_rule_kernel_bad_input():
     q, k, v, g, beta, state = _inputs(CASES["B1-T17-H1-K8-V1"], torch.float32)
-    with pytest.raises(ValueError, match="initial_state must have q's dtype"):
+    with pytest.raises(ValueError, match="initial_state must match q's dtype"):
         kernels.get("gated_delta_rule", "numba")(q, k, v, g, beta, state.double())
     with pytest.raises(ValueError, match="cpu tensor but cupy kernels run on a CUDA GPU"):
         kernels.get("gated_delta_rule", "cupy")(q, k, v, g, beta, state)
-    if kernels.cuda_simulator_enabled():
-        wide = torch.randn(1, 2, 1, gdr_kernels.MAX_KEY_DIM + 1)
-        with pytest.raises(ValueError, match=f"K <= {gdr_kernels.MAX_KEY_DIM}"):
-            kernels.get("gated_delta_rule", "numba_cuda")(wide, wide, torch.randn(1, 2, 1, 2), torch.zeros(1, 2, 1),
-                                                          torch.zeros(1, 2, 1))
+    device = device_for("numba_cuda")
+    wide = torch.randn(1, 2, 1, gdr_kernels.MAX_KEY_DIM + 1, device=device)
+    small = torch.zeros(1, 2, 1, device=device)
+    with pytest.raises(ValueError, match=f"K <= {gdr_kernels.MAX_KEY_DIM}"):
+        kernels.get("gated_delta_rule", "numba_cuda")(wide, wide, torch.randn(1, 2, 1, 2, device=device), small, small)

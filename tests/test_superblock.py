@@ -9,8 +9,8 @@ import torch
 
 from kernels.check import assert_close
 from refimpl.blocks import TopKMoE
-from refimpl.superblock import (LAYOUTS, SuperblockConfig, SuperblockLM, experts_to_reach, generate,
-                                parameter_count, sinusoidal_positions, speculative_generate)
+from refimpl.superblock import (LAYOUTS, SuperblockConfig, SuperblockLM, accepted_prefix, experts_to_reach,
+                                generate, parameter_count, sinusoidal_positions, speculative_generate)
 
 
 def _model(**overrides) -> SuperblockLM:
@@ -80,6 +80,14 @@ def test_balance_loss_is_minimal_for_uniform_routing():
     assert skewed.aux_loss.item() > 1.5                      # concentrated routing is penalised
 
 
+def test_tokens_are_not_drowned_by_the_positional_encoding():
+    model = _model()
+    with torch.no_grad():
+        a, _ = model(torch.full((1, 8), 65))
+        b, _ = model(torch.full((1, 8), 200))
+    assert (a - b).norm() / a.norm() > 0.5                   # different bytes, clearly different predictions
+
+
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 @pytest.mark.parametrize("overrides", [{}, {"layout": "as_written"}, {"mtp_in_every_block": True},
                                        {"tie_embeddings": False, "n_kv_heads": 1, "mtp_horizons": 1}],
@@ -138,3 +146,29 @@ def test_sampling_follows_the_temperature():
     assert torch.equal(cold, greedy)                          # near-zero temperature is greedy
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         generate(model, prompt, 2, temperature=-1.0)
+
+
+def test_acceptance_rule_by_hand():
+    assert accepted_prefix([7, 8, 9], [8, 9, 4]) == 3           # every draft matches the main head's pick
+    assert accepted_prefix([7, 8, 9], [8, 5, 4]) == 2           # draft 2 disagrees: stop before it
+    assert accepted_prefix([7, 8, 9], [1, 9, 4]) == 1           # draft 1 disagrees: even a later match does not count
+    assert accepted_prefix([7], []) == 1
+
+
+def test_decoding_refuses_training_mode_and_bad_lengths():
+    model = _model()
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="positive int"):
+        speculative_generate(model, prompt, 0)
+    with pytest.raises(ValueError, match="positive int"):
+        generate(model, prompt, -2)
+    model.train()
+    with pytest.raises(ValueError, match="model.eval"):
+        generate(model, prompt, 3)
+
+
+def test_derived_sizes_follow_the_overrides():
+    cfg = SuperblockConfig.preset("small", d_model=128)
+    assert cfg.head_dim == 32 and cfg.expert_hidden == 256
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+        SuperblockConfig(head_dim=0)
