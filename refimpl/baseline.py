@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from refimpl.blocks import GroupedQueryAttention, KVCache, RMSNorm, SwiGLU, TopKMoE
+from refimpl.blocks import (GroupedQueryAttention, KVCache, RMSNorm, SwiGLU, TopKMoE, config_from_preset,
+                            count_parameters, init_lm_weights)
 
 
 @dataclass
@@ -65,9 +66,7 @@ class BaselineConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "BaselineConfig":
         """A named size (`tiny` for tests and CI, `small` for the book on a CPU), optionally adjusted."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})  # derived sizes are derived again from the overrides
+        return config_from_preset(cls, PRESETS, name, overrides)
 
 
 PRESETS = {  # the arguments of each named size
@@ -106,15 +105,10 @@ class BaselineLM(nn.Module):
         self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+        init_lm_weights(self)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return count_parameters(self)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 caches: list[KVCache] | None = None):

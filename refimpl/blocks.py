@@ -27,6 +27,26 @@ import torch.nn.functional as F
 from refimpl import ops
 
 
+def config_from_preset(cls, presets: dict, name: str, overrides: dict):
+    """`cls(**presets[name], **overrides)`, with sizes derived in __post_init__ derived again from the overrides."""
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+    return cls(**{**presets[name], **overrides})
+
+
+def init_lm_weights(model: nn.Module, std: float = 0.02) -> None:
+    """GPT-2-style initialisation: every Linear and Embedding weight ~ N(0, std^2) (children first, as nn.Module.apply)."""
+    def init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+    model.apply(init)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Every parameter once (tied weights count once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 class RMSNorm(nn.Module):
     """Learned-scale RMS normalisation over the last dimension (eps 1e-6 by default)."""
 

@@ -44,7 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from refimpl.blocks import GroupedQueryAttention, KVCache, RMSNorm, TopKMoE
+from refimpl.blocks import (GroupedQueryAttention, KVCache, RMSNorm, TopKMoE, config_from_preset, count_parameters,
+                            init_lm_weights)
 from refimpl.gated_deltanet import GatedDeltaNet, GatedDeltaNetState
 
 LAYOUTS = ("prenorm", "as_written")
@@ -103,9 +104,7 @@ class SuperblockConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "SuperblockConfig":
         """`tiny` (tests, CI), `small` (the book on a CPU) or `paper` (the write-up's size: counted, not trained)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})  # derived sizes are derived again from the overrides
+        return config_from_preset(cls, PRESETS, name, overrides)
 
 
 PRESETS = {  # the arguments of each named size
@@ -201,15 +200,10 @@ class SuperblockLM(nn.Module):
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
         self.mtp = MTPHeads(cfg.d_model, cfg.mtp_horizons, cfg.norm_eps)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+        init_lm_weights(self)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return count_parameters(self)
 
     def new_state(self) -> list[SuperblockState]:
         """Fresh per-block decoding state (Gated DeltaNet memory + KV cache)."""
