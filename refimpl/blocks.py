@@ -177,14 +177,50 @@ class GroupedQueryAttention(nn.Module):
 # Top-k mixture of experts
 # ----------------------------------------------------------------------------
 
+def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """Switch-style E * sum_e f_e * P_e: probs [N, E] router probabilities, tokens_per_expert [E] copies routed.
+
+    f_e (the share of copies sent to e) carries no gradient; P_e (the mean probability of e) does,
+    so minimising it pushes probability away from overloaded experts. It is 1 when routing is uniform.
+    """
+    share = tokens_per_expert.float() / tokens_per_expert.sum()
+    return probs.shape[-1] * (share * probs.mean(dim=0)).sum()
+
+
+class ExpertPool(nn.Module):
+    """E SwiGLU experts. Given each token's chosen experts and their weights, it runs every expert on
+    the tokens that chose it (grouped by `ops.moe_dispatch`) and mixes the results (`ops.moe_combine`)."""
+
+    def __init__(self, dim: int, hidden: int, n_experts: int):
+        super().__init__()
+        if min(dim, hidden, n_experts) < 1:
+            raise ValueError(f"ExpertPool: dim, hidden, n_experts must be >= 1, got {dim}, {hidden}, {n_experts}")
+        self.n_experts = n_experts
+        scale_in, scale_hidden = dim ** -0.5, hidden ** -0.5
+        self.w_gate = nn.Parameter(torch.randn(n_experts, dim, hidden) * scale_in)       # [E, C, F]
+        self.w_up = nn.Parameter(torch.randn(n_experts, dim, hidden) * scale_in)         # [E, C, F]
+        self.w_down = nn.Parameter(torch.randn(n_experts, hidden, dim) * scale_hidden)   # [E, F, C]
+
+    def forward(self, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor):
+        """x [N, C], top_i [N, k], top_w [N, k] -> (y [N, C], token copies per expert [E])."""
+        x_sorted, offsets, slot = ops.moe_dispatch(x, top_i, self.n_experts)  # [N*k, C], [E+1], [N, k]
+        out_sorted = torch.empty_like(x_sorted)
+        bounds = offsets.tolist()
+        for e in range(self.n_experts):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                h = F.silu(x_sorted[lo:hi] @ self.w_gate[e]) * (x_sorted[lo:hi] @ self.w_up[e])  # [n_e, F]
+                out_sorted[lo:hi] = h @ self.w_down[e]                                         # [n_e, C]
+        y = ops.moe_combine(out_sorted, slot, top_w.to(x.dtype))        # [N, C]
+        return y, torch.diff(offsets)
+
+
 class TopKMoE(nn.Module):
     """A softmax router picks k of E SwiGLU experts per token; their outputs are
     mixed with the router's probabilities renormalised over the chosen k.
 
-    After each forward, `aux_loss` holds the Switch-style load-balancing loss
-    E * sum_e f_e * P_e (f_e: share of token copies sent to expert e, P_e: mean
-    router probability of e; 1.0 when perfectly balanced) and `last_stats` the
-    expert utilisation, as plain tensors a notebook can plot.
+    After each forward, `aux_loss` holds the load-balancing loss (`load_balancing_loss`)
+    and `last_stats` the expert utilisation, as plain tensors a notebook can plot.
     """
 
     def __init__(self, dim: int, hidden: int, n_experts: int, top_k: int):
@@ -195,10 +231,7 @@ class TopKMoE(nn.Module):
             raise ValueError(f"TopKMoE: top_k must be in [1, n_experts={n_experts}], got {top_k}")
         self.n_experts, self.top_k = n_experts, top_k
         self.router = nn.Linear(dim, n_experts, bias=False)
-        scale_in, scale_hidden = dim ** -0.5, hidden ** -0.5
-        self.w_gate = nn.Parameter(torch.randn(n_experts, dim, hidden) * scale_in)       # [E, C, F]
-        self.w_up = nn.Parameter(torch.randn(n_experts, dim, hidden) * scale_in)         # [E, C, F]
-        self.w_down = nn.Parameter(torch.randn(n_experts, hidden, dim) * scale_hidden)   # [E, F, C]
+        self.experts = ExpertPool(dim, hidden, n_experts)
         self.aux_loss = torch.zeros(())
         self.last_stats: dict[str, torch.Tensor] = {}
 
@@ -208,19 +241,7 @@ class TopKMoE(nn.Module):
         probs = torch.softmax(self.router(x).float(), dim=-1)           # [N, E]
         top_p, top_i = probs.topk(self.top_k, dim=-1)                   # [N, k] each
         top_w = top_p / top_p.sum(dim=-1, keepdim=True)                 # renormalise over the chosen k
-
-        x_sorted, offsets, slot = ops.moe_dispatch(x, top_i, self.n_experts)  # [N*k, C], [E+1], [N, k]
-        out_sorted = torch.empty_like(x_sorted)
-        bounds = offsets.tolist()
-        for e in range(self.n_experts):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi > lo:
-                h = F.silu(x_sorted[lo:hi] @ self.w_gate[e]) * (x_sorted[lo:hi] @ self.w_up[e])  # [n_e, F]
-                out_sorted[lo:hi] = h @ self.w_down[e]                                         # [n_e, C]
-        y = ops.moe_combine(out_sorted, slot, top_w.to(x.dtype))        # [N, C]
-
-        counts = torch.diff(offsets).float()                            # [E] token copies per expert
-        share = counts / counts.sum()
-        self.aux_loss = self.n_experts * (share * probs.mean(dim=0)).sum()
-        self.last_stats = {"tokens_per_expert": counts.detach(), "mean_router_prob": probs.mean(0).detach()}
+        y, counts = self.experts(x, top_i, top_w)                       # [N, C], [E]
+        self.aux_loss = load_balancing_loss(probs, counts)
+        self.last_stats = {"tokens_per_expert": counts.float().detach(), "mean_router_prob": probs.mean(0).detach()}
         return y.view(shape)

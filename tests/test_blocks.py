@@ -86,9 +86,9 @@ def test_moe_with_one_expert_and_top1_is_the_dense_swiglu():
     torch.manual_seed(0)
     moe, dense = TopKMoE(16, 40, n_experts=1, top_k=1), SwiGLU(16, 40)
     with torch.no_grad():
-        dense.gate.weight.copy_(moe.w_gate[0].T)
-        dense.up.weight.copy_(moe.w_up[0].T)
-        dense.down.weight.copy_(moe.w_down[0].T)
+        dense.gate.weight.copy_(moe.experts.w_gate[0].T)
+        dense.up.weight.copy_(moe.experts.w_up[0].T)
+        dense.down.weight.copy_(moe.experts.w_down[0].T)
     x = random_tensor((3, 7, 16), generator=_gen(7))
     assert_close(moe(x), dense(x), "MoE(E=1, k=1) vs SwiGLU")
     assert math.isclose(moe.aux_loss.item(), 1.0, rel_tol=1e-6)  # one expert is perfectly balanced
