@@ -1,9 +1,10 @@
-"""TITAN Synapse (seed 004): the mLSTM language module.
+"""TITAN Synapse (seed 004): the modules of the Synapse layer.
 
 The write-up's layer: RMSNorm -> xLSTM (mLSTM) -> residual; RMSNorm -> Thalamus router -> experts
--> residual; RMSNorm -> fast-weight memory -> residual. This file holds, so far, the mLSTM; the
-Thalamus (built on `refimpl.ssm.MambaLayer`), the expert pool, the fast-weight memory and the model
-follow it.
+-> residual; RMSNorm -> fast-weight memory -> residual. This file holds, so far, the mLSTM, the
+fast-weight memory, the Hebbian pathway table and the Thalamus router (a `refimpl.ssm.MambaLayer`
+feeding a linear router; the experts are `refimpl.blocks.ExpertPool`). The layer, the model and its
+parameter arithmetic come next.
 
 Paper: Beck et al. 2024, "xLSTM: Extended Long Short-Term Memory", arXiv:2405.04517 (section 2.3,
 the mLSTM, and appendix: its parallel form and the max-state stabiliser).
@@ -39,9 +40,16 @@ write-up's module has none), or anything fast: see kernels/ for that.
 from __future__ import annotations
 
 import math
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from refimpl.blocks import load_balancing_loss
+from refimpl.ssm import MambaLayer
 
 
 def check_mlstm_args(q, k, v, i_pre, f_pre, initial_state):
@@ -286,11 +294,6 @@ class HebbianPathways:
         return sorted(self.strengths.items(), key=lambda item: -item[1])[:n]
 
     def save(self, path) -> None:
-        import os
-        import sqlite3
-        import tempfile
-        from pathlib import Path
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -309,9 +312,6 @@ class HebbianPathways:
 
     @classmethod
     def load(cls, path) -> "HebbianPathways":
-        import sqlite3
-        from pathlib import Path
-
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no pathway database at {path}")
@@ -325,3 +325,67 @@ class HebbianPathways:
         finally:
             db.close()
         return table
+
+
+# ----------------------------------------------------------------------------
+# The Thalamus: a Mamba layer reads the context, a linear router picks experts
+# ----------------------------------------------------------------------------
+
+class Thalamus(nn.Module):
+    """Mamba (S6) layer -> linear router -> softmax -> top-k, renormalised (the write-up's diagram).
+
+    Training adds Gaussian noise of std `noise_std` to the logits (exploration, after Shazeer et al.
+    2017), and `aux_loss` holds the load-balancing loss, which the model adds to its training loss
+    (the public code computes it and never uses it). With a `HebbianPathways` table, every forward
+    records the fired combinations; with `pathway_bias` > 0 (off by default, as in the write-up),
+    each expert's logit is raised by pathway_bias * log(1 + total strength of pathways using it).
+    """
+
+    def __init__(self, dim: int, n_experts: int, top_k: int, d_state: int = 16, noise_std: float = 1.0,
+                 pathways: HebbianPathways | None = None, pathway_bias: float = 0.0):
+        super().__init__()
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"Thalamus: top_k must be in [1, n_experts={n_experts}], got {top_k}")
+        self.n_experts, self.top_k, self.noise_std = n_experts, top_k, noise_std
+        self.mamba = MambaLayer(dim, d_state=d_state)
+        self.router = nn.Linear(dim, n_experts, bias=False)
+        self.pathways, self.pathway_bias = pathways, pathway_bias
+        self.aux_loss = torch.zeros(())
+        self.last_introspection: dict = {}
+
+    def expert_bias(self, device=None) -> torch.Tensor:
+        """[E] log(1 + summed strength of the pathways each expert belongs to)."""
+        totals = torch.zeros(self.n_experts, device=device)
+        if self.pathways is not None:
+            for name, strength in self.pathways.strengths.items():
+                for e in name.split("+"):
+                    totals[int(e)] += strength
+        return torch.log1p(totals)
+
+    def forward(self, x: torch.Tensor, state=None):
+        """x: [B, T, C] -> (top_w [N, k], top_i [N, k]) with N = B * T, tokens in order."""
+        B, T, C = x.shape
+        context = self.mamba(x, state).reshape(B * T, C)                          # [N, C] sees tokens <= t
+        logits = self.router(context)                                             # [N, E]
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()                                               # softmax and top-k in fp32
+        if self.training and self.noise_std > 0:
+            logits = logits + self.noise_std * torch.randn_like(logits)
+        if self.pathway_bias and self.pathways is not None:
+            logits = logits + self.pathway_bias * self.expert_bias(logits.device)
+        probs = torch.softmax(logits, dim=-1)                                     # [N, E]
+        top_p, top_i = probs.topk(self.top_k, dim=-1)                             # [N, k]
+        top_w = top_p / top_p.sum(dim=-1, keepdim=True)
+        counts = torch.bincount(top_i.flatten(), minlength=self.n_experts)
+        self.aux_loss = load_balancing_loss(probs, counts)
+        if self.pathways is not None:
+            self.pathways.update(top_i.detach().cpu())
+        best_two = probs.topk(min(2, self.n_experts), dim=-1).values
+        self.last_introspection = {
+            "scores": probs.detach().view(B, T, -1),                              # [B, T, E] every expert's score
+            "chosen": top_i.detach().view(B, T, -1),                              # [B, T, k]
+            "weights": top_w.detach().view(B, T, -1),                             # [B, T, k]
+            "confidence": (best_two[:, 0] / best_two[:, -1]).detach().view(B, T),  # top score / second score
+            "load": counts.detach(),                                              # [E] token copies per expert
+        }
+        return top_w, top_i
