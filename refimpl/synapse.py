@@ -43,13 +43,16 @@ import math
 import os
 import sqlite3
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from refimpl.blocks import load_balancing_loss
-from refimpl.ssm import MambaLayer
+from refimpl.blocks import (ExpertPool, RMSNorm, config_from_preset, count_parameters, init_lm_weights,
+                            load_balancing_loss)
+from refimpl.ssm import MambaLayer, MambaState
 
 
 def check_mlstm_args(q, k, v, i_pre, f_pre, initial_state):
@@ -389,3 +392,149 @@ class Thalamus(nn.Module):
             "load": counts.detach(),                                              # [E] token copies per expert
         }
         return top_w, top_i
+
+
+# ----------------------------------------------------------------------------
+# The layer and the model
+# ----------------------------------------------------------------------------
+
+@dataclass
+class SynapseConfig:
+    vocab_size: int = 256            # bytes here; 151,936 (Qwen2.5's) in the write-up
+    d_model: int = 128               # C
+    n_layers: int = 2                # Synapse layers
+    n_experts: int = 4               # E
+    top_k: int = 2                   # k
+    d_expert: int | None = None      # F: SwiGLU width of one expert; None -> 4 * d_model (the write-up's 3072 = 4 x 768)
+    xlstm_hidden: int | None = None  # mLSTM width (all heads); None -> 2 * d_model (1536 = 2 x 768)
+    xlstm_heads: int = 4             # mLSTM heads
+    memory_heads: int = 2            # fast-weight heads (8 in the write-up)
+    memory_head_dim: int = 16        # fast-weight key/value size (64 in the write-up)
+    memory_decay: float = 0.95       # fast-weight decay per token
+    memory_strength: float = 0.1     # fast-weight write strength
+    d_state: int = 16                # Mamba state size in the Thalamus
+    router_noise: float = 1.0        # Thalamus logit noise during training
+    aux_loss_weight: float = 0.01    # load-balancing loss weight (the public code computes it, then drops it)
+    norm_eps: float = 1e-6
+    max_seq_len: int = 256
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_experts", "top_k", "xlstm_heads", "memory_heads",
+                     "memory_head_dim", "d_state", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SynapseConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k={self.top_k} must be <= n_experts={self.n_experts}")
+        self.d_expert = self.d_expert or 4 * self.d_model
+        self.xlstm_hidden = self.xlstm_hidden or 2 * self.d_model
+        if self.xlstm_hidden % self.xlstm_heads:
+            raise ValueError(f"xlstm_hidden={self.xlstm_hidden} must be a multiple of xlstm_heads={self.xlstm_heads}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "SynapseConfig":
+        """`tiny` (tests, CI), `small` (the book on a CPU) or `paper` (the write-up's table: counted, not trained)."""
+        return config_from_preset(cls, SYNAPSE_PRESETS, name, overrides)
+
+
+SYNAPSE_PRESETS = {  # the arguments of each named size
+    "tiny": dict(d_model=32, n_layers=1, n_experts=4, top_k=2, xlstm_heads=2, memory_heads=2, memory_head_dim=8,
+                 d_state=4, max_seq_len=64),
+    "small": dict(d_model=96, n_layers=2, n_experts=4, top_k=2, xlstm_heads=4, memory_heads=4, memory_head_dim=16,
+                  d_state=8, max_seq_len=128),
+    "paper": dict(vocab_size=151_936, d_model=768, n_layers=12, n_experts=8, top_k=2, d_expert=3072, xlstm_hidden=1536,
+                  xlstm_heads=4, memory_heads=8, memory_head_dim=64, d_state=16, max_seq_len=2048),
+}
+
+
+@dataclass
+class SynapseState:
+    """What decoding carries per layer: mLSTM (C, n, m), the Thalamus's Mamba state, the fast-weight memory."""
+    mlstm: list = field(default_factory=list)
+    mamba: MambaState = field(default_factory=MambaState)
+    memory: list = field(default_factory=list)
+
+
+class SynapseLayer(nn.Module):
+    """x + mLSTM(norm x); x + experts(norm x) routed by the Thalamus; x + memory(norm x)."""
+
+    def __init__(self, cfg: SynapseConfig):
+        super().__init__()
+        C = cfg.d_model
+        self.norm_xlstm, self.norm_experts, self.norm_memory = (RMSNorm(C, cfg.norm_eps) for _ in range(3))
+        self.xlstm = MLSTMLayer(C, cfg.xlstm_hidden, cfg.xlstm_heads)
+        self.thalamus = Thalamus(C, cfg.n_experts, cfg.top_k, cfg.d_state, cfg.router_noise)
+        self.experts = ExpertPool(C, cfg.d_expert, cfg.n_experts)
+        self.memory = FastWeightMemory(C, cfg.memory_heads, cfg.memory_head_dim, cfg.memory_decay, cfg.memory_strength)
+
+    def forward(self, x: torch.Tensor, state: SynapseState | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        x = x + self.xlstm(self.norm_xlstm(x), state.mlstm if state is not None else None)
+        h = self.norm_experts(x)
+        top_w, top_i = self.thalamus(h, state.mamba if state is not None else None)  # [N, k] each
+        routed, _ = self.experts(h.reshape(B * T, C), top_i, top_w)                 # [N, C]
+        x = x + routed.view(B, T, C)
+        return x + self.memory(self.norm_memory(x), state.memory if state is not None else None)
+
+
+class SynapseLM(nn.Module):
+    """Embedding -> Synapse layers -> RMSNorm -> unembedding; loss = next-token CE + weighted balance loss."""
+
+    def __init__(self, cfg: SynapseConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(SynapseLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.unembed.weight = self.embed.weight
+        init_lm_weights(self)
+
+    def num_parameters(self) -> int:
+        return count_parameters(self)
+
+    def new_state(self) -> list[SynapseState]:
+        return [SynapseState() for _ in self.layers]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, states: list[SynapseState] | None = None):
+        """idx: [B, T] -> (logits [B, T, V], loss or None). `states` carries every layer's memory across calls."""
+        if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"SynapseLM expects idx as an int tensor [B, T], got {idx.dtype} {list(idx.shape)}")
+        if idx.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
+        if states is not None and len(states) != len(self.layers):
+            raise ValueError(f"need one SynapseState per layer ({len(self.layers)}), got {len(states)}")
+        x = self.embed(idx)                                                          # [B, T, C]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, states[i] if states is not None else None)
+        logits = self.unembed(self.norm(x))                                          # [B, T, V]
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        aux = sum(layer.thalamus.aux_loss for layer in self.layers)
+        return logits, loss + self.cfg.aux_loss_weight * aux
+
+
+def synapse_parameter_count(cfg: SynapseConfig) -> dict:
+    """Total and active-per-token parameters of SynapseLM(cfg), by part, without building it."""
+    C, E, k, Fx, h, H = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_expert, cfg.xlstm_hidden, cfg.xlstm_heads
+    Dm, N = 2 * C, cfg.d_state                                                       # Mamba: expand 2
+    dt_rank = math.ceil(C / 16)
+    mlstm = C * 3 * h + C * 2 * H + 2 * H + C * h + h + h * C
+    mamba = C * 2 * Dm + Dm * 4 + Dm + Dm * (dt_rank + 2 * N) + dt_rank * Dm + Dm + Dm * N + Dm + Dm * C
+    router = C * E
+    expert = 3 * C * Fx
+    Mh, Md = cfg.memory_heads, cfg.memory_head_dim
+    memory = C * 3 * Mh * Md + C * Mh + Mh + Mh * Md * C
+    per_layer_common = mlstm + mamba + router + memory + 3 * C
+    embedding = cfg.vocab_size * C
+    top = embedding + (0 if cfg.tie_embeddings else embedding) + C
+    return {
+        "total": top + cfg.n_layers * (per_layer_common + E * expert),
+        "active_per_token": top + cfg.n_layers * (per_layer_common + k * expert),
+        "parts": {"embedding": embedding, "unembedding": 0 if cfg.tie_embeddings else embedding,
+                  "mlstm": cfg.n_layers * mlstm, "thalamus": cfg.n_layers * (mamba + router),
+                  "experts": cfg.n_layers * E * expert, "fast_weight_memory": cfg.n_layers * memory,
+                  "norms": cfg.n_layers * 3 * C + C},
+    }
