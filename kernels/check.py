@@ -15,7 +15,7 @@ import torch
 from kernels.tensors import poisoned_outputs
 
 __all__ = ["TOLERANCES", "Comparison", "compare", "assert_close", "poisoned_outputs", "random_tensor",
-           "example_shapes", "example_inputs", "check_backend"]
+           "example_shapes", "example_inputs", "check_backend", "parameters_without_gradient"]
 
 #: dtype -> (atol, rtol), and why.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -146,3 +146,8 @@ def check_backend(backend: str, size: str = "tiny", device="cpu", seed: int = 0)
             else:
                 results.append(compare(got, expected, case))
     return results
+
+
+def parameters_without_gradient(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters a backward pass left without a (non-zero) gradient: parts nothing trains."""
+    return [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
