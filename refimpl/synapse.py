@@ -162,8 +162,10 @@ class MLSTMLayer(nn.Module):
         q, k, v = (t.view(B, T, H, D) for t in self.qkv(x).chunk(3, dim=-1))        # [B, T, H, D] each
         i_pre, f_pre = self.gates(x).chunk(2, dim=-1)                                 # [B, T, H] each
         start = state[0] if state else None
-        h, new_state = mlstm_recurrent(q, k, v, i_pre, f_pre, start, stabilised=self.stabilised,
-                                       gate_clamp=None if self.stabilised else 20.0)
+        if self.stabilised:
+            h, new_state = mlstm(q, k, v, i_pre, f_pre, start)                        # the op a kernel may replace
+        else:
+            h, new_state = mlstm_recurrent(q, k, v, i_pre, f_pre, start, stabilised=False, gate_clamp=20.0)
         if state is not None:
             state[:] = [new_state]
         self.last_introspection = {"input_gate_pre": i_pre.detach(), "forget_gate_pre": f_pre.detach(),
@@ -231,6 +233,11 @@ def fast_weight_memory_parallel(q, k, v, gate, decay: float = 0.95, strength: fl
     return reads, W
 
 
+def fast_weight_memory(q, k, v, gate, decay: float = 0.95, strength: float = 0.1, initial_state=None):
+    """The op models call: the step loop. Returns (reads [B, T, H, Dv], final W [B, H, Dk, Dv])."""
+    return fast_weight_memory_recurrent(q, k, v, gate, decay, strength, initial_state)
+
+
 class FastWeightMemory(nn.Module):
     """The write-up's module: per-head q, k, v and a write gate projected from x, the memory above,
     reads projected back to d_model. x: [B, T, C] -> [B, T, C]. Pass `state` (a one-element list) to carry
@@ -251,7 +258,7 @@ class FastWeightMemory(nn.Module):
         H, D = self.n_heads, self.head_dim
         q, k, v = (t.view(B, T, H, D) for t in self.qkv(x).chunk(3, dim=-1))        # [B, T, H, D] each
         gate = self.gate(x)                                                           # [B, T, H]
-        reads, W = fast_weight_memory_recurrent(q, k, v, gate, self.decay, self.strength, state[0] if state else None)
+        reads, W = fast_weight_memory(q, k, v, gate, self.decay, self.strength, state[0] if state else None)
         if state is not None:
             state[:] = [W]
         self.last_introspection = {"write_gate": torch.sigmoid(gate).detach(),                     # [B, T, H]
