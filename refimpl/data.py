@@ -83,6 +83,41 @@ def stdlib_corpus(max_train_bytes: int = 4_000_000, max_val_bytes: int = 400_000
     return TextCorpus(as_tensor["train"], as_tensor["val"], names["train"], names["val"], str(root))
 
 
+def package_corpus(package: str, max_bytes: int = 1_000_000, val_fraction: float = 0.1,
+                   root: str | Path | None = None) -> TextCorpus:
+    """One standard-library package's source (e.g. "asyncio", "email"): a domain for a specialist.
+
+    Files are ordered by crc32(path), as in `stdlib_corpus`, and joined until `max_bytes`; the last
+    `val_fraction` of the files (at least one) is validation. The split is by file inside the package,
+    since the corpus-wide crc32 split leaves some packages with no validation file at all.
+    """
+    if not 0 < val_fraction < 1 or max_bytes < 1:
+        raise ValueError(f"package_corpus: need max_bytes >= 1 and 0 < val_fraction < 1, got {max_bytes}, {val_fraction}")
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    files = [p for p in stdlib_source_files(root) if p.relative_to(root).parts[0] == package]
+    if len(files) < 2:
+        raise ValueError(f"package_corpus: standard-library package {package!r} has {len(files)} source files "
+                         f"under {root}; need at least 2 (one for training, one for validation)")
+    files.sort(key=lambda p: (zlib.crc32(p.relative_to(root).as_posix().encode()), str(p)))
+    chosen, size = [], 0
+    for path in files:
+        if size >= max_bytes:
+            break
+        chosen.append(path)
+        size += path.stat().st_size
+    n_val = min(len(chosen) - 1, max(1, round(val_fraction * len(chosen))))
+    if n_val < 1:                                   # max_bytes covered a single file: take the next as validation
+        chosen, n_val = files[:2], 1
+    train_files, val_files = chosen[:-n_val], chosen[-n_val:]
+
+    def joined(paths):
+        return torch.frombuffer(bytearray(b"".join(p.read_bytes() + b"\x0c\n" for p in paths)), dtype=torch.uint8)
+
+    return TextCorpus(joined(train_files), joined(val_files),
+                      [p.relative_to(root).as_posix() for p in train_files],
+                      [p.relative_to(root).as_posix() for p in val_files], f"{root}/{package}")
+
+
 def random_batch(data: torch.Tensor, batch_size: int, seq_len: int,
                  generator: torch.Generator | None = None):
     """Random windows of a byte stream: x [B, T] and the next-byte targets y [B, T] (int64)."""

@@ -295,10 +295,14 @@ class HebbianPathways:
         if expert_index.dim() != 2:
             raise ValueError(f"HebbianPathways.update expects [N, k] expert indices, got {list(expert_index.shape)}")
         for row in expert_index.tolist():
-            key = self.name(row)
-            self.strengths[key] = self.strengths.get(key, 0.0) + self.lr
-            for other in self.strengths:
-                self.strengths[other] *= self.decay
+            self.reinforce(self.name(row))
+
+    def reinforce(self, key: str) -> None:
+        """One event: pathway `key` (any string: an expert combination, a specialist's name) gains lr,
+        then every strength decays."""
+        self.strengths[key] = self.strengths.get(key, 0.0) + self.lr
+        for other in self.strengths:
+            self.strengths[other] *= self.decay
 
     def top(self, n: int = 10) -> list[tuple[str, float]]:
         return sorted(self.strengths.items(), key=lambda item: -item[1])[:n]
