@@ -17,7 +17,11 @@ from kernels.machine import backend_status, cuda_simulator_enabled, has_cuda_gpu
 from kernels.registry import BACKENDS, KernelNotFound, get, register, registered, use
 
 # Importing an op's module registers its kernels.
-from kernels import attention, gated_delta_rule, moe, rmsnorm  # noqa: E402,F401  (after machine)
+from kernels import (attention, gated_delta_rule, mlstm, moe, rmsnorm,  # noqa: E402,F401  (after machine)
+                     selective_scan)
+
+#: every op module, in the order the checks and benchmarks list them
+OP_MODULES = (rmsnorm, attention, moe, gated_delta_rule, selective_scan, mlstm)
 
 __all__ = ["BACKENDS", "KernelNotFound", "backend_status", "cuda_simulator_enabled", "get", "has_cuda_gpu",
-           "register", "registered", "runnable_backends", "use", "machine"]
+           "register", "registered", "runnable_backends", "use", "machine", "OP_MODULES"]

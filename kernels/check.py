@@ -118,15 +118,30 @@ def example_shapes(size: str) -> dict:
 
 def example_inputs(size: str = "tiny", device="cpu", seed: int = 0) -> dict:
     """Every registered op's example inputs, {case name: (op, args, kwargs)}, at `tiny` or `small` size."""
-    from kernels import attention, gated_delta_rule, moe, rmsnorm
+    from kernels import OP_MODULES
     shapes = example_shapes(size)
     generator = torch.Generator().manual_seed(seed)
     cases = {}
-    for module in (rmsnorm, attention, moe, gated_delta_rule):
+    for module in OP_MODULES:
         for case, (args, kwargs) in module.example_inputs(shapes, generator).items():
-            args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-            cases[case] = (case.split(" ")[0], args, kwargs)
+            cases[case] = (case.split(" ")[0], _to_device(args, device), kwargs)
     return cases
+
+
+def _to_device(value, device):
+    """Tensors moved to `device`, inside tuples and lists too (a state may be a tuple of tensors)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def _flatten(value) -> list:
+    """An op's result as a flat list of tensors: (o, (C, n, m)) -> [o, C, n, m]."""
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _flatten(v)]
+    return [value]
 
 
 def check_backend(backend: str, size: str = "tiny", device="cpu", seed: int = 0) -> list[Comparison]:
@@ -142,6 +157,9 @@ def check_backend(backend: str, size: str = "tiny", device="cpu", seed: int = 0)
             with poisoned_outputs():
                 got = get(op, backend)(*args, **kwargs)
             if isinstance(expected, tuple):
+                got, expected = _flatten(got), _flatten(expected)
+                if len(got) != len(expected):
+                    raise AssertionError(f"{case}: {backend} returned {len(got)} tensors, the reference {len(expected)}")
                 results += [compare(g, e, f"{case}[{i}]") for i, (g, e) in enumerate(zip(got, expected))]
             else:
                 results.append(compare(got, expected, case))

@@ -77,14 +77,18 @@ def selective_scan_chunked(u, delta, A, Bm, Cm, D=None, initial_state=None, chun
     if chunk_size < 1:
         raise ValueError(f"selective_scan_chunked: chunk_size must be >= 1, got {chunk_size}")
     h = initial_state if initial_state is not None else u.new_zeros(Bsz, Dm, N)
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=u.device).tril()
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=u.device).tril()     # s <= t
+    strictly_after = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=u.device).tril(-1)  # r > s
     ys = []
     for start in range(0, T, chunk_size):
         sl = slice(start, min(start + chunk_size, T))
         C = sl.stop - sl.start
         dA = delta[:, sl, :, None] * A                                               # [B, C, Dm, N]
         a = dA.cumsum(dim=1)                                                          # [B, C, Dm, N]
-        gap = (a[:, :, None] - a[:, None, :])                                          # [B, C(t), C(s), Dm, N]
+        # a_t - a_s = sum of dA_r over s < r <= t, summed directly ("segment sums") rather than subtracted:
+        # a difference of two long cumulative sums loses float32 precision when |Delta A| is large.
+        after_s = dA[:, :, None].masked_fill(~strictly_after[:C, :C, None, None], 0.0)  # [B, C(r), C(s), Dm, N]
+        gap = after_s.cumsum(dim=1)                                                   # [B, C(t), C(s), Dm, N]
         weight = gap.masked_fill(~causal[:C, :C, None, None], float("-inf")).exp()    # exp(a_t - a_s), s <= t
         x = (delta[:, sl] * u[:, sl])[..., None] * Bm[:, sl, None, :]                  # [B, C, Dm, N] Delta_s B_s u_s
         states = a.exp() * h[:, None] + torch.einsum("btsdn,bsdn->btdn", weight, x)   # [B, C, Dm, N] every h_t

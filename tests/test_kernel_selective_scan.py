@@ -1,0 +1,275 @@
+"""The selective scan (Mamba S6) kernels against the step loop, on every backend, at awkward shapes.
+
+Ground truth is `refimpl.ssm.selective_scan_recurrent`, in the kernel's own dtype and from the
+same inputs. Outputs are poisoned with NaN before a kernel writes them. numba_cuda runs through
+numba's CUDA simulator when there is no GPU (slow: the GPU-size case then skips with a reason);
+cupy cases need a GPU and skip with a reason elsewhere, while the CUDA C is compile-checked with
+nvcc and NVRTC wherever they exist. The last part runs a whole `MambaLayer` with the numba scan
+swapped in.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import selective_scan as selective_scan_kernels
+from kernels.check import assert_close, example_shapes, poisoned_outputs, random_tensor
+from kernels.machine import device_for
+from refimpl import ssm
+
+# numba CPU kernels take float32 and float64; the CUDA ones take float32.
+BACKEND_DTYPES = [pytest.param("numba", torch.float32, id="numba-fp32"),
+                  pytest.param("numba", torch.float64, id="numba-fp64"),
+                  pytest.param("numba_cuda", torch.float32, id="numba_cuda-fp32"),
+                  pytest.param("cupy", torch.float32, id="cupy-fp32")]
+SIMULATOR_BUDGET = 3_000_000  # rough count of inner-loop steps (B*T*Dm*N) the simulator finishes in seconds
+
+
+def _skip_unless_runnable(backend: str, work: int = 0) -> None:
+    status = kernels.backend_status()[backend]
+    if status.startswith("unavailable"):
+        pytest.skip(f"{backend}: {status}")
+    if backend == "numba_cuda" and kernels.cuda_simulator_enabled() and work > SIMULATOR_BUDGET:
+        pytest.skip(f"too large for the CUDA simulator ({work:,} steps); runs on a GPU")
+
+
+def _scan_inputs(B, T, Dm, N, dtype, device, seed=0, steps="typical"):
+    """(u, delta, A, Bm, Cm, D, h0), drawn in float64 and then cast, so every dtype sees the same numbers.
+
+    steps: "typical" Delta = softplus(draw), about 0.1 to 3; "large" Delta up to 20, so exp(Delta A)
+    underflows to 0 and the state forgets everything each step; "tiny" Delta about 1e-5, so the decay
+    rounds to 1 and the state barely moves.
+    """
+    g = torch.Generator().manual_seed(seed)
+    u = random_tensor((B, T, Dm), generator=g, dtype=torch.float64)
+    draw = random_tensor((B, T, Dm), generator=g, dtype=torch.float64)
+    delta = {"typical": F.softplus(draw),
+             "large": 20 * torch.sigmoid(draw + 2),
+             "tiny": 1e-5 * F.softplus(draw)}[steps]                                       # [B, T, Dm], > 0
+    A = -torch.exp(random_tensor((Dm, N), generator=g, dtype=torch.float64))                # [Dm, N], < 0
+    Bm = random_tensor((B, T, N), generator=g, dtype=torch.float64)
+    Cm = random_tensor((B, T, N), generator=g, dtype=torch.float64)
+    D = random_tensor((Dm,), generator=g, dtype=torch.float64)
+    h0 = random_tensor((B, Dm, N), generator=g, dtype=torch.float64)
+    return tuple(t.to(dtype=dtype, device=device) for t in (u, delta, A, Bm, Cm, D, h0))
+
+
+def _check_against_step_loop(backend, args, name):
+    expected_y, expected_h = ssm.selective_scan_recurrent(*args)
+    with poisoned_outputs():
+        y, h = kernels.get("selective_scan", backend)(*args)
+    assert_close(y, expected_y, f"{name}: y")
+    assert_close(h, expected_h, f"{name}: final state")
+
+
+# ---------------------------------------------------------------- kernel vs step loop
+
+# id -> (B, T, Dm, N)
+SCAN_CASES = {
+    "B2-T9-Dm24-N4": (2, 9, 24, 4),             # the `tiny` example's sizes, two batch rows
+    "B1-T1-Dm1-N1": (1, 1, 1, 1),               # every size 1
+    "B3-T17-Dm33-N5": (3, 17, 33, 5),           # odd everything; 99 channels over 4 simulator blocks
+    "B1-T37-Dm70-N16": (1, 37, 70, 16),         # Mamba's N, T past one reference chunk of 32
+    "B2-T6-Dm5-N64": (2, 6, 5, 64),             # N at the CUDA kernels' limit, MAX_STATE_DIM
+}
+
+
+@pytest.mark.parametrize("case", SCAN_CASES.values(), ids=SCAN_CASES.keys())
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+def test_selective_scan_kernel_vs_step_loop(backend, dtype, case):
+    B, T, Dm, N = case
+    _skip_unless_runnable(backend, work=B * T * Dm * N)
+    args = _scan_inputs(*case, dtype, device_for(backend))
+    _check_against_step_loop(backend, args, f"selective_scan[{backend}]")
+
+
+@pytest.mark.parametrize("with_D, with_state", [(False, False), (False, True), (True, False)],
+                         ids=["no-D-no-state", "no-D", "no-state"])
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+def test_selective_scan_without_skip_or_initial_state(backend, dtype, with_D, with_state):
+    _skip_unless_runnable(backend)
+    u, delta, A, Bm, Cm, D, h0 = _scan_inputs(2, 11, 13, 6, dtype, device_for(backend), seed=1)
+    args = (u, delta, A, Bm, Cm, D if with_D else None, h0 if with_state else None)
+    _check_against_step_loop(backend, args, f"selective_scan[{backend}] D={with_D} state={with_state}")
+
+
+@pytest.mark.parametrize("steps", ["large", "tiny"], ids=["large-steps-decay-underflows", "tiny-steps-decay-near-1"])
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+def test_selective_scan_extreme_step_sizes(backend, dtype, steps):
+    _skip_unless_runnable(backend)
+    args = _scan_inputs(2, 15, 19, 8, dtype, device_for(backend), seed=2, steps=steps)
+    u, delta, A = args[:3]
+    decay = torch.exp(delta[..., None] * A)                                     # [B, T, Dm, N]
+    if steps == "large":
+        assert (decay == 0).any(), "the large-step case should drive some decays to exactly 0"
+    else:
+        assert decay.min() > 0.99, "the tiny-step case should keep every decay near 1"
+    _check_against_step_loop(backend, args, f"selective_scan[{backend}] {steps} steps")
+
+
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+def test_selective_scan_state_carried_in_halves_equals_one_run(backend, dtype):
+    _skip_unless_runnable(backend)
+    u, delta, A, Bm, Cm, D, h0 = _scan_inputs(2, 23, 9, 7, dtype, device_for(backend), seed=3)
+    scan = kernels.get("selective_scan", backend)
+    cut = 10
+    with poisoned_outputs():
+        y_all, h_all = scan(u, delta, A, Bm, Cm, D, h0)
+        y1, h1 = scan(u[:, :cut], delta[:, :cut], A, Bm[:, :cut], Cm[:, :cut], D, h0)
+        y2, h2 = scan(u[:, cut:], delta[:, cut:], A, Bm[:, cut:], Cm[:, cut:], D, h1)
+    assert_close(torch.cat([y1, y2], dim=1), y_all, f"selective_scan[{backend}] halves: y")
+    assert_close(h2, h_all, f"selective_scan[{backend}] halves: final state")
+    expected_y, expected_h = ssm.selective_scan_recurrent(u, delta, A, Bm, Cm, D, h0)
+    assert_close(y_all, expected_y, f"selective_scan[{backend}] one run: y")
+    assert_close(h_all, expected_h, f"selective_scan[{backend}] one run: final state")
+
+
+@pytest.mark.parametrize("backend", ["numba", "numba_cuda"])
+def test_selective_scan_takes_non_contiguous_inputs(backend):
+    """As in the Mamba layer, where B and C are slices of one projection."""
+    _skip_unless_runnable(backend)
+    u, delta, A, Bm, Cm, D, h0 = _scan_inputs(2, 7, 6, 5, torch.float32, device_for(backend), seed=4)
+    BC = torch.cat([Bm, Cm], dim=-1)                            # [B, T, 2N]
+    Bm, Cm = BC.split([5, 5], dim=-1)                           # views with row stride 2N
+    u = u.transpose(1, 2).contiguous().transpose(1, 2)           # [B, T, Dm] with T the fast axis
+    assert not (Bm.is_contiguous() or Cm.is_contiguous() or u.is_contiguous())
+    _check_against_step_loop(backend, (u, delta, A, Bm, Cm, D, h0), f"strided selective_scan[{backend}]")
+
+
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+def test_selective_scan_example_inputs_vs_reference(backend, dtype):
+    """The `tiny` examples (what `kernels.check.check_backend` runs) against the op models call."""
+    _skip_unless_runnable(backend)
+    cases = selective_scan_kernels.example_inputs(example_shapes("tiny"), torch.Generator().manual_seed(5))
+    assert all(name.split(" ")[0] == "selective_scan" for name in cases)
+    for name, (args, kwargs) in cases.items():
+        args = tuple(a.to(dtype=dtype, device=device_for(backend)) for a in args)
+        expected = kernels.get("selective_scan", "reference")(*args, **kwargs)
+        with poisoned_outputs():
+            got = kernels.get("selective_scan", backend)(*args, **kwargs)
+        for i, part in enumerate(("y", "final state")):
+            assert_close(got[i], expected[i], f"{name}[{backend}]: {part}")
+
+
+@pytest.mark.parametrize("backend", ["numba_cuda", "cupy"])
+def test_selective_scan_at_gpu_size(backend):
+    B, T, Dm, N = 4, 512, 512, 16
+    _skip_unless_runnable(backend, work=B * T * Dm * N)
+    args = _scan_inputs(B, T, Dm, N, torch.float32, device_for(backend), seed=6)
+    _check_against_step_loop(backend, args, f"selective_scan[{backend}] at GPU size")
+
+
+# ---------------------------------------------------------------- the Mamba layer, scan swapped in
+
+def test_mamba_layer_with_numba_selective_scan_equals_reference():
+    torch.manual_seed(7)
+    layer = ssm.MambaLayer(dim=12, d_state=16).eval()
+    x = random_tensor((2, 13, 12), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = layer(x)
+        state = ssm.MambaState()
+        expected_steps = [layer(x[:, :5], state), layer(x[:, 5:], state)]   # carried scan and conv state
+        with kernels.use("numba", ops=["selective_scan"]) as swapped:
+            assert swapped == ["selective_scan"]
+            assert ssm.selective_scan is selective_scan_kernels.selective_scan_numba
+            got = layer(x)
+            state = ssm.MambaState()
+            got_steps = [layer(x[:, :5], state), layer(x[:, 5:], state)]
+    assert ssm.selective_scan is kernels.get("selective_scan", "reference")     # put back after the block
+    assert_close(got, expected, "MambaLayer with the numba scan")
+    for i, (g, e) in enumerate(zip(got_steps, expected_steps)):
+        assert_close(g, e, f"MambaLayer with the numba scan, call {i} with carried state")
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_selective_scan_bad_shapes_are_value_errors(backend):
+    scan = kernels.get("selective_scan", backend)
+    u, delta, A, Bm, Cm, D, h0 = _scan_inputs(2, 5, 3, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"A must be \[Dm, N\]"):
+        scan(u, delta, A.T, Bm, Cm)
+    with pytest.raises(ValueError, match=r"C must be \[B, T, N\]"):
+        scan(u, delta, A, Bm, Cm[:, :3])
+    with pytest.raises(ValueError, match=r"initial_state must be \[B, Dm, N\]"):
+        scan(u, delta, A, Bm, Cm, D, h0[:1])
+    with pytest.raises(ValueError, match=r"D must be \[Dm\]"):
+        scan(u, delta, A, Bm, Cm, D[:2])
+    with pytest.raises(ValueError, match="every size must be >= 1"):
+        scan(u[:, :0], delta[:, :0], A, Bm[:, :0], Cm[:, :0])
+
+
+def test_selective_scan_kernels_refuse_wrong_dtypes_and_gradients():
+    u, delta, A, Bm, Cm, D, h0 = _scan_inputs(1, 4, 3, 2, torch.float32, "cpu")
+    numba_scan = kernels.get("selective_scan", "numba")
+    with pytest.raises(ValueError, match="u must be float32, float64, got bfloat16"):
+        numba_scan(*(t.bfloat16() for t in (u, delta, A, Bm, Cm)))
+    with pytest.raises(ValueError, match="A must be float32, got float64"):
+        numba_scan(u, delta, A.double(), Bm, Cm)                  # one dtype for every input
+    with pytest.raises(ValueError, match="u must be float32, got float64"):
+        kernels.get("selective_scan", "numba_cuda")(*(t.double() for t in (u, delta, A, Bm, Cm)))
+    A_trained = A.clone().requires_grad_()
+    with pytest.raises(ValueError, match="forward-only"):
+        numba_scan(u, delta, A_trained, Bm, Cm)
+    with torch.no_grad():
+        numba_scan(u, delta, A_trained, Bm, Cm)                   # fine without a graph
+
+
+@pytest.mark.parametrize("backend", ["numba_cuda", "cupy"])
+def test_state_size_beyond_the_cuda_array_is_a_value_error(backend):
+    """The size check comes before the device check, so this runs on any machine."""
+    N = selective_scan_kernels.MAX_STATE_DIM + 1
+    args = _scan_inputs(1, 3, 2, N, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=f"state size N <= {selective_scan_kernels.MAX_STATE_DIM}, got {N}"):
+        kernels.get("selective_scan", backend)(*args)
+
+
+def test_cpu_tensors_to_the_cupy_kernel_are_a_value_error():
+    args = _scan_inputs(1, 3, 2, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="cpu tensor but cupy kernels run on a CUDA GPU"):
+        kernels.get("selective_scan", "cupy")(*args)
+
+
+# ---------------------------------------------------------------- CUDA C compiles
+
+def test_selective_scan_cuda_source_compiles_with_nvcc(tmp_path):
+    nvcc = kernels.machine.nvcc_path()
+    if nvcc is None:
+        pytest.skip("nvcc is not installed on this machine")
+    source, ptx = selective_scan_kernels.CU_SOURCE, tmp_path / "out.ptx"
+    result = subprocess.run([nvcc, "-ptx", "-arch=sm_80", "-std=c++17", str(source), "-o", str(ptx)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert set(selective_scan_kernels.CUPY_ENTRY_POINTS) <= _ptx_entries(ptx.read_text())
+
+
+def test_selective_scan_cuda_source_compiles_with_nvrtc_as_cupy_will():
+    """CuPy's RawModule compiles with NVRTC, which (unlike nvcc) has no host headers such as math.h."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+    except Exception as err:  # missing library or CuPy: the error type depends on which
+        pytest.skip(f"NVRTC is not loadable here ({type(err).__name__}: {err})")
+    source = selective_scan_kernels.CU_SOURCE
+    program = nvrtc.createProgram(source.read_text(), source.name, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(program, ["-arch=compute_80", "-std=c++17"])
+        except nvrtc.NVRTCError:
+            pytest.fail(nvrtc.getProgramLog(program))
+        ptx = nvrtc.getPTX(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    assert set(selective_scan_kernels.CUPY_ENTRY_POINTS) <= _ptx_entries(ptx)
+
+
+def _ptx_entries(ptx: str) -> set[str]:
+    """Names of the kernels (`.entry name(`) in PTX text."""
+    return set(re.findall(r"\.entry\s+(\w+)\s*\(", ptx))
