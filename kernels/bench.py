@@ -320,7 +320,7 @@ def _tensors(value) -> list[torch.Tensor]:
 def _gate(name: str, fn: Callable, args: tuple, kwargs: dict, expected) -> dict:
     """Run `fn` once on poisoned outputs and compare with the reference's `expected` output(s).
 
-    Tuple outputs are compared element by element (comparisons named op[0], op[1], ...).
+    Tuple outputs (nested ones flattened) are compared tensor by tensor (comparisons named op[0], op[1], ...).
     An exception counts as a failure, with its message recorded.
     """
     try:
@@ -329,11 +329,13 @@ def _gate(name: str, fn: Callable, args: tuple, kwargs: dict, expected) -> dict:
     except Exception as err:  # a kernel refusing these inputs is a failed gate, not a crash of the benchmark
         return {"passed": False, "error": f"{type(err).__name__}: {err}", "comparisons": []}
     if isinstance(expected, tuple):
-        if not isinstance(got, (tuple, list)) or len(got) != len(expected):
+        want = _tensors(expected)                                  # nested states, (o, (C, n, m)), flattened
+        have = _tensors(got) if isinstance(got, (tuple, list)) else []
+        if len(have) != len(want):
             return {"passed": False, "comparisons": [],
-                    "error": f"expected a tuple of {len(expected)} outputs, got {type(got).__name__}"
-                             + (f" of {len(got)}" if isinstance(got, (tuple, list)) else "")}
-        comparisons = [compare(g, e, f"{name}[{i}]") for i, (g, e) in enumerate(zip(got, expected))]
+                    "error": f"expected a tuple of {len(want)} output tensors, got {type(got).__name__}"
+                             + (f" of {len(have)}" if isinstance(got, (tuple, list)) else "")}
+        comparisons = [compare(g, e, f"{name}[{i}]") for i, (g, e) in enumerate(zip(have, want))]
     else:
         if not isinstance(got, torch.Tensor):
             return {"passed": False, "comparisons": [], "error": f"expected a tensor, got {type(got).__name__}"}

@@ -74,3 +74,13 @@ def test_state_is_empty_unless_carried():
         state = []
         memory(x, state)
         assert not torch.allclose(memory(x, state), first)        # carried memory changes the reads
+
+
+def test_layer_parallel_path_equals_the_step_loop_path():
+    torch.manual_seed(0)
+    layer = FastWeightMemory(dim=10, n_heads=2, head_dim=4).double()
+    x = torch.randn(2, 13, 10, dtype=torch.float64)
+    fresh, zeros = [], [torch.zeros(2, 2, 4, 4, dtype=torch.float64)]
+    y_parallel, y_loop = layer(x, fresh), layer(x, zeros)
+    torch.testing.assert_close(y_parallel, y_loop)
+    torch.testing.assert_close(fresh[0], zeros[0])

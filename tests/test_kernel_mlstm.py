@@ -218,12 +218,15 @@ def test_kernels_use_reaches_the_mlstm_layer(dtype):
     torch.manual_seed(0)
     layer = MLSTMLayer(24, hidden=20, n_heads=4).to(dtype).eval()   # heads of 5
     x = torch.randn(2, 11, 24, dtype=dtype)
+    def zeros():  # a held (zero) state sends the layer through the step loop `mlstm`, the op the kernel replaces
+        return [(torch.zeros(2, 4, 5, 5, dtype=dtype), torch.zeros(2, 4, 5, dtype=dtype), torch.zeros(2, 4, dtype=dtype))]
+
     with torch.no_grad():
-        expected = layer(x)
+        expected = layer(x, zeros())
         expected_state: list = []
         expected_pieces = torch.cat([layer(x[:, :4], expected_state), layer(x[:, 4:], expected_state)], dim=1)
         with kernels.use("numba", ops=["mlstm"]) as swapped:
-            got = layer(x)
+            got = layer(x, zeros())
             state: list = []
             pieces = torch.cat([layer(x[:, :4], state), layer(x[:, 4:], state)], dim=1)
     assert swapped == ["mlstm"]

@@ -85,3 +85,26 @@ def test_bad_arguments_are_value_errors():
         mlstm_recurrent(q, k, v, i_pre, f_pre, (torch.zeros(1), torch.zeros(1), torch.zeros(1)))
     with pytest.raises(ValueError, match="multiple of n_heads"):
         MLSTMLayer(16, hidden=10, n_heads=4)
+
+
+def test_parallel_form_returns_the_step_loops_final_state():
+    args = _inputs(gate_scale=3.0)
+    _, (C, n, m) = mlstm_recurrent(*args)
+    h_par, (C_par, n_par, m_par) = mlstm_parallel(*args, return_state=True)
+    for got, want, name in ((C_par, C, "C"), (n_par, n, "n"), (m_par, m, "m")):
+        assert_close(got, want, f"final {name}, parallel vs step loop")
+
+
+def test_layer_parallel_path_equals_the_step_loop_path():
+    """No state held: the parallel form. A held state (zeros): the step loop. Same outputs, same state."""
+    torch.manual_seed(0)
+    layer = MLSTMLayer(dim=12, hidden=12, n_heads=3).double()
+    x = torch.randn(2, 11, 12, dtype=torch.float64)
+    fresh = []
+    y_parallel = layer(x, fresh)                                            # empty list: parallel, state stored
+    zeros = [(torch.zeros(2, 3, 4, 4, dtype=torch.float64), torch.zeros(2, 3, 4, dtype=torch.float64),
+              torch.zeros(2, 3, dtype=torch.float64))]
+    y_loop = layer(x, zeros)
+    assert_close(y_parallel, y_loop, "layer: parallel vs step loop")
+    for got, want in zip(fresh[0], zeros[0]):
+        assert_close(got, want, "layer state")

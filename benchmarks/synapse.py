@@ -1,0 +1,96 @@
+"""Benchmark chapter 05's kernels (S6 scan, mLSTM, fast-weight memory, TIES merge) against their references.
+
+    python benchmarks/synapse.py                 # CPU: numba vs the step loops, the other reference forms, torch.compile
+    python benchmarks/synapse.py --device cuda   # GPU: numba_cuda and cupy
+    python benchmarks/synapse.py --quick         # fewer runs, no torch.compile (smoke test)
+
+The truth and the baseline of each recurrence is its step loop, the form the chapter calls ground
+truth; torch.compile compiles that loop. The other PyTorch forms are timed beside it:
+
+    selective_scan       step loop `selective_scan_recurrent`; the chunked form (the op models call)
+    mlstm                step loop `mlstm_recurrent` (stabilised; the op models call)
+    fast_weight_memory   step loop `fast_weight_memory_recurrent` (the op models call); the parallel form
+    ties_merge           `refimpl.merging.ties_merge` (vectorised PyTorch: topk, sign, masked mean)
+
+Shapes: kernels.check.example_inputs("small") (B = 16, T = 128, H = 4 heads of D = 32; the scan has
+Dm = 2 C = 256 channels and N = 16 states; TIES merges K = 3 task vectors of B T C = 262,144 entries).
+Writes benchmarks/results/synapse_<device>.json and figures/benchmarks/synapse_<device>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402  (first: decides numba's CUDA target)
+from kernels.bench import benchmark_op, measure_ceilings, plot_ratios, print_table, provenance  # noqa: E402
+from kernels.check import example_inputs, example_shapes  # noqa: E402
+from refimpl import merging, ssm, synapse  # noqa: E402
+from refimpl.io import write_json  # noqa: E402
+
+BACKENDS = {"cpu": ["numba"], "cuda": ["numba_cuda", "cupy"]}
+
+# (label, op, the truth and baseline, {name: other PyTorch form timed beside it})
+CASES = [
+    ("selective scan (S6)", "selective_scan", ssm.selective_scan_recurrent,
+     {"chunked (refimpl op)": ssm.selective_scan_chunked}),
+    ("mLSTM (stabilised)", "mlstm", synapse.mlstm_recurrent, {}),
+    ("fast-weight memory", "fast_weight_memory", synapse.fast_weight_memory_recurrent,
+     {"parallel form": synapse.fast_weight_memory_parallel}),
+    ("TIES merge", "ties_merge", merging.ties_merge, {}),
+]
+
+
+def case_inputs(op: str):
+    def make(device: str, seed: int):
+        _, args, kwargs = example_inputs("small", device, seed=3000 + seed)[op]
+        return args, kwargs
+    return make
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer timed runs, no torch.compile")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch.cuda.is_available() is False on this machine", file=sys.stderr)
+        return 2
+
+    timing = {"repeats": 3, "min_seconds": 0.05, "warmup": 1} if args.quick else {"repeats": 10, "min_seconds": 1.0, "warmup": 2}
+    if args.device == "cuda":
+        timing = {"repeats": 20 if args.quick else 100, "warmup": timing["warmup"]}
+    info = provenance()
+    ceilings = measure_ceilings(args.device, quick=args.quick)
+    results = []
+    for label, op, reference, others in CASES:
+        print(f"{label} ...", flush=True)
+        results.append(benchmark_op(op, case_inputs(op), list(others) + BACKENDS[args.device],
+                                    compile=not args.quick, device=args.device, label=label,
+                                    reference=reference, kernel_overrides=others, ceilings=ceilings, **timing))
+    record = {"benchmark": "synapse", "script": "benchmarks/synapse.py",
+              "settings": {"device": args.device, "quick": args.quick, "compile": not args.quick, "timing": timing,
+                           "references": {op: f"{ref.__module__}.{ref.__qualname__}" for _, op, ref, _ in CASES},
+                           "shapes": example_shapes("small")},
+              "provenance": info, "ceilings": ceilings, "results": results}
+    json_path = write_json(ROOT / "benchmarks" / "results" / f"synapse_{args.device}.json", record)
+    figure_path = ROOT / "figures" / "benchmarks" / f"synapse_{args.device}.png"
+    plot_ratios(results, figure_path, provenance=info)
+    print_table(results, ceilings)
+    print(f"\nwrote {json_path.relative_to(ROOT)} and {figure_path.relative_to(ROOT)}")
+    failed = [f"{r['label']}: {name}" for r in results for name in r["failed"]]
+    if failed:
+        print("FAILED the correctness gate (not timed): " + ", ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
