@@ -153,3 +153,16 @@ class BaselineLM(nn.Module):
             out.append(nxt)
             logits, _ = self(nxt, caches=caches)
         return torch.cat(out, dim=1)
+
+
+def matched_baseline(target_parameters: int, seq_len: int, n_layers: int = 4, widths=range(32, 513, 16)) -> BaselineLM:
+    """The baseline whose parameter count is closest to `target_parameters`, by choosing its width
+    (4 heads, 2 KV heads): the "equal-size transformer" a chapter compares its model with."""
+    if target_parameters < 1:
+        raise ValueError(f"matched_baseline: target_parameters must be >= 1, got {target_parameters}")
+
+    def config(d):
+        return BaselineConfig(d_model=d, n_layers=n_layers, n_heads=4, n_kv_heads=2, max_seq_len=seq_len)
+
+    best = min(widths, key=lambda d: abs(BaselineLM(config(d)).num_parameters() - target_parameters))
+    return BaselineLM(config(best))

@@ -522,8 +522,21 @@ class SynapseLM(nn.Module):
     def num_parameters(self) -> int:
         return count_parameters(self)
 
-    def new_state(self) -> list[SynapseState]:
-        return [SynapseState() for _ in self.layers]
+    def new_state(self, batch_size: int | None = None) -> list[SynapseState]:
+        """Empty per-layer states. Given `batch_size`, the mLSTM and memory states start as explicit zeros,
+        so even the first call runs the step loops (the ops kernels replace) rather than the parallel forms."""
+        states = [SynapseState() for _ in self.layers]
+        if batch_size is not None:
+            if batch_size < 1:
+                raise ValueError(f"new_state: batch_size must be >= 1, got {batch_size}")
+            p = self.embed.weight
+            for state, layer in zip(states, self.layers):
+                H, D = layer.xlstm.n_heads, layer.xlstm.head_dim
+                state.mlstm[:] = [(p.new_zeros(batch_size, H, D, D), p.new_zeros(batch_size, H, D),
+                                   p.new_zeros(batch_size, H))]
+                M, Dm = layer.memory.n_heads, layer.memory.head_dim
+                state.memory[:] = [p.new_zeros(batch_size, M, Dm, Dm)]
+        return states
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, states: list[SynapseState] | None = None):
         """idx: [B, T] -> (logits [B, T, V], loss or None). `states` carries every layer's memory across calls."""

@@ -57,3 +57,15 @@ def test_bad_configs_are_value_errors():
         SynapseConfig(xlstm_hidden=10, xlstm_heads=4)
     with pytest.raises(ValueError, match="longer than max_seq_len"):
         _model()(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_zero_state_runs_the_step_loops_and_equals_the_parallel_forms():
+    torch.manual_seed(0)
+    model = SynapseLM(SynapseConfig.preset("tiny")).double().eval()
+    idx = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        parallel, _ = model(idx)                                  # no state: parallel forms
+        stepped, _ = model(idx, states=model.new_state(2))        # zero state: step loops
+    torch.testing.assert_close(stepped, parallel)
+    with pytest.raises(ValueError, match="batch_size"):
+        model.new_state(0)
