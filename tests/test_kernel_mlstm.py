@@ -17,8 +17,6 @@ a thousandfold amplification stays far inside the tolerance.
 from __future__ import annotations
 
 import math
-import re
-import subprocess
 
 import pytest
 import torch
@@ -27,21 +25,9 @@ import kernels
 from kernels import mlstm as mlstm_kernels
 from kernels.check import assert_close, example_shapes, poisoned_outputs, random_tensor
 from kernels.machine import device_for
+from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
 from refimpl.synapse import MLSTMLayer, mlstm_recurrent
 
-BACKEND_DTYPES = [pytest.param("numba", torch.float32, id="numba-fp32"),
-                  pytest.param("numba", torch.float64, id="numba-fp64"),
-                  pytest.param("numba_cuda", torch.float32, id="numba_cuda-fp32"),
-                  pytest.param("cupy", torch.float32, id="cupy-fp32")]
-SIMULATOR_BUDGET = 3_000_000  # rough count of inner-loop steps the simulator finishes in about a second
-
-
-def _skip_unless_runnable(backend: str, work: int = 0) -> None:
-    status = kernels.backend_status()[backend]
-    if status.startswith("unavailable"):
-        pytest.skip(f"{backend}: {status}")
-    if backend == "numba_cuda" and kernels.cuda_simulator_enabled() and work > SIMULATOR_BUDGET:
-        pytest.skip(f"too large for the CUDA simulator ({work:,} steps); runs on a GPU")
 
 
 def _inputs(B, T, H, Dk, Dv, dtype=torch.float32, device="cpu", seed=0, offset=2.0):
@@ -93,7 +79,7 @@ CASES = {
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_mlstm_kernel_vs_step_loop(backend, dtype, case):
     B, T, H, Dk, Dv = case
-    _skip_unless_runnable(backend, work=B * T * H * Dv * Dk)
+    skip_unless_runnable(backend, work=B * T * H * Dv * Dk)
     args = _inputs(*case, dtype=dtype, device=device_for(backend), seed=1)
     expected = mlstm_recurrent(*args)
     with poisoned_outputs():
@@ -103,7 +89,7 @@ def test_mlstm_kernel_vs_step_loop(backend, dtype, case):
 
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_mlstm_kernel_from_a_zero_state(backend, dtype):
-    _skip_unless_runnable(backend)
+    skip_unless_runnable(backend)
     q, k, v, i_pre, f_pre, _ = _inputs(2, 8, 3, 6, 5, dtype, device_for(backend), seed=2)
     with poisoned_outputs():
         got = kernels.get("mlstm", backend)(q, k, v, i_pre, f_pre)
@@ -120,7 +106,7 @@ def test_mlstm_zero_mean_keys_in_float64():
 
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_mlstm_two_halves_with_the_state_carried_equal_one_run(backend, dtype):
-    _skip_unless_runnable(backend)
+    skip_unless_runnable(backend)
     q, k, v, i_pre, f_pre, state = _inputs(2, 13, 2, 6, 5, dtype, device_for(backend), seed=4)
     kernel = kernels.get("mlstm", backend)
     with poisoned_outputs():
@@ -148,7 +134,7 @@ EXTREME_GATES = {
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_mlstm_extreme_gates_stay_finite_and_exact(backend, dtype, gates):
     B, T, H, Dk, Dv = 2, 30, 3, 7, 5
-    _skip_unless_runnable(backend, work=B * T * H * Dv * Dk)
+    skip_unless_runnable(backend, work=B * T * H * Dv * Dk)
     device = device_for(backend)
     q, k, v, _, _, state = _inputs(B, T, H, Dk, Dv, dtype, device, seed=5)
     i_value, f_value = gates
@@ -238,7 +224,7 @@ def test_kernels_use_reaches_the_mlstm_layer(dtype):
 
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_mlstm_example_inputs(backend, dtype):
-    _skip_unless_runnable(backend)
+    skip_unless_runnable(backend)
     device = device_for(backend)
     cases = mlstm_kernels.example_inputs(example_shapes("tiny"), torch.Generator().manual_seed(0))
     assert list(cases) == ["mlstm"]
@@ -275,7 +261,7 @@ def test_mlstm_bad_input_is_a_value_error():
 
 @pytest.mark.parametrize("backend", ["numba_cuda", "cupy"])
 def test_mlstm_key_dim_beyond_the_cuda_row_is_a_value_error(backend):
-    _skip_unless_runnable(backend)
+    skip_unless_runnable(backend)
     q, k, v, i_pre, f_pre, _ = _inputs(1, 2, 1, mlstm_kernels.MAX_HEAD_DIM + 1, 2, device=device_for(backend))
     with pytest.raises(ValueError, match=f"key dimension Dk <= {mlstm_kernels.MAX_HEAD_DIM}, got 129"):
         kernels.get("mlstm", backend)(q, k, v, i_pre, f_pre)
@@ -284,42 +270,3 @@ def test_mlstm_key_dim_beyond_the_cuda_row_is_a_value_error(backend):
 def test_mlstm_numba_cpu_has_no_key_dim_bound():
     args = _inputs(1, 3, 1, 2 * mlstm_kernels.MAX_HEAD_DIM, 2, torch.float64, seed=9)
     _assert_same(kernels.get("mlstm", "numba")(*args), mlstm_recurrent(*args), "mlstm[numba] Dk = 256")
-
-
-# ---------------------------------------------------------------- CUDA C compiles
-
-def test_mlstm_cuda_source_compiles_with_nvcc(tmp_path):
-    nvcc = kernels.machine.nvcc_path()
-    if nvcc is None:
-        pytest.skip("nvcc is not installed on this machine")
-    ptx = tmp_path / "out.ptx"
-    result = subprocess.run([nvcc, "-ptx", "-arch=sm_80", "-std=c++17", str(mlstm_kernels.CU_SOURCE), "-o", str(ptx)],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert set(mlstm_kernels.CUPY_ENTRY_POINTS) <= _ptx_entries(ptx.read_text())
-
-
-def test_mlstm_cuda_source_compiles_with_nvrtc_as_cupy_will():
-    """CuPy's RawModule compiles with NVRTC, which (unlike nvcc) has no host headers such as math.h."""
-    try:
-        from cupy_backends.cuda.libs import nvrtc
-        nvrtc.getVersion()
-    except Exception as err:  # missing library or CuPy: the error type depends on which
-        pytest.skip(f"NVRTC is not loadable here ({type(err).__name__}: {err})")
-    source = mlstm_kernels.CU_SOURCE
-    program = nvrtc.createProgram(source.read_text(), source.name, [], [])
-    try:
-        try:
-            nvrtc.compileProgram(program, ["-arch=compute_80", "-std=c++17"])
-        except nvrtc.NVRTCError:
-            pytest.fail(nvrtc.getProgramLog(program))
-        ptx = nvrtc.getPTX(program)
-    finally:
-        nvrtc.destroyProgram(program)
-    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-    assert set(mlstm_kernels.CUPY_ENTRY_POINTS) <= _ptx_entries(ptx)
-
-
-def _ptx_entries(ptx: str) -> set[str]:
-    """Names of the kernels (`.entry name(`) in PTX text."""
-    return set(re.findall(r"\.entry\s+(\w+)\s*\(", ptx))

@@ -10,8 +10,6 @@ swapped in.
 
 from __future__ import annotations
 
-import re
-import subprocess
 
 import pytest
 import torch
@@ -21,22 +19,9 @@ import kernels
 from kernels import selective_scan as selective_scan_kernels
 from kernels.check import assert_close, example_shapes, poisoned_outputs, random_tensor
 from kernels.machine import device_for
+from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
 from refimpl import ssm
 
-# numba CPU kernels take float32 and float64; the CUDA ones take float32.
-BACKEND_DTYPES = [pytest.param("numba", torch.float32, id="numba-fp32"),
-                  pytest.param("numba", torch.float64, id="numba-fp64"),
-                  pytest.param("numba_cuda", torch.float32, id="numba_cuda-fp32"),
-                  pytest.param("cupy", torch.float32, id="cupy-fp32")]
-SIMULATOR_BUDGET = 3_000_000  # rough count of inner-loop steps (B*T*Dm*N) the simulator finishes in seconds
-
-
-def _skip_unless_runnable(backend: str, work: int = 0) -> None:
-    status = kernels.backend_status()[backend]
-    if status.startswith("unavailable"):
-        pytest.skip(f"{backend}: {status}")
-    if backend == "numba_cuda" and kernels.cuda_simulator_enabled() and work > SIMULATOR_BUDGET:
-        pytest.skip(f"too large for the CUDA simulator ({work:,} steps); runs on a GPU")
 
 
 def _scan_inputs(B, T, Dm, N, dtype, device, seed=0, steps="typical"):
@@ -84,7 +69,7 @@ SCAN_CASES = {
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_selective_scan_kernel_vs_step_loop(backend, dtype, case):
     B, T, Dm, N = case
-    _skip_unless_runnable(backend, work=B * T * Dm * N)
+    skip_unless_runnable(backend, work=B * T * Dm * N)
     args = _scan_inputs(*case, dtype, device_for(backend))
     _check_against_step_loop(backend, args, f"selective_scan[{backend}]")
 
@@ -93,7 +78,7 @@ def test_selective_scan_kernel_vs_step_loop(backend, dtype, case):
                          ids=["no-D-no-state", "no-D", "no-state"])
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_selective_scan_without_skip_or_initial_state(backend, dtype, with_D, with_state):
-    _skip_unless_runnable(backend)
+    skip_unless_runnable(backend)
     u, delta, A, Bm, Cm, D, h0 = _scan_inputs(2, 11, 13, 6, dtype, device_for(backend), seed=1)
     args = (u, delta, A, Bm, Cm, D if with_D else None, h0 if with_state else None)
     _check_against_step_loop(backend, args, f"selective_scan[{backend}] D={with_D} state={with_state}")
@@ -102,7 +87,7 @@ def test_selective_scan_without_skip_or_initial_state(backend, dtype, with_D, wi
 @pytest.mark.parametrize("steps", ["large", "tiny"], ids=["large-steps-decay-underflows", "tiny-steps-decay-near-1"])
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_selective_scan_extreme_step_sizes(backend, dtype, steps):
-    _skip_unless_runnable(backend)
+    skip_unless_runnable(backend)
     args = _scan_inputs(2, 15, 19, 8, dtype, device_for(backend), seed=2, steps=steps)
     u, delta, A = args[:3]
     decay = torch.exp(delta[..., None] * A)                                     # [B, T, Dm, N]
@@ -115,7 +100,7 @@ def test_selective_scan_extreme_step_sizes(backend, dtype, steps):
 
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_selective_scan_state_carried_in_halves_equals_one_run(backend, dtype):
-    _skip_unless_runnable(backend)
+    skip_unless_runnable(backend)
     u, delta, A, Bm, Cm, D, h0 = _scan_inputs(2, 23, 9, 7, dtype, device_for(backend), seed=3)
     scan = kernels.get("selective_scan", backend)
     cut = 10
@@ -133,7 +118,7 @@ def test_selective_scan_state_carried_in_halves_equals_one_run(backend, dtype):
 @pytest.mark.parametrize("backend", ["numba", "numba_cuda"])
 def test_selective_scan_takes_non_contiguous_inputs(backend):
     """As in the Mamba layer, where B and C are slices of one projection."""
-    _skip_unless_runnable(backend)
+    skip_unless_runnable(backend)
     u, delta, A, Bm, Cm, D, h0 = _scan_inputs(2, 7, 6, 5, torch.float32, device_for(backend), seed=4)
     BC = torch.cat([Bm, Cm], dim=-1)                            # [B, T, 2N]
     Bm, Cm = BC.split([5, 5], dim=-1)                           # views with row stride 2N
@@ -145,7 +130,7 @@ def test_selective_scan_takes_non_contiguous_inputs(backend):
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_selective_scan_example_inputs_vs_reference(backend, dtype):
     """The `tiny` examples (what `kernels.check.check_backend` runs) against the op models call."""
-    _skip_unless_runnable(backend)
+    skip_unless_runnable(backend)
     cases = selective_scan_kernels.example_inputs(example_shapes("tiny"), torch.Generator().manual_seed(5))
     assert all(name.split(" ")[0] == "selective_scan" for name in cases)
     for name, (args, kwargs) in cases.items():
@@ -160,7 +145,7 @@ def test_selective_scan_example_inputs_vs_reference(backend, dtype):
 @pytest.mark.parametrize("backend", ["numba_cuda", "cupy"])
 def test_selective_scan_at_gpu_size(backend):
     B, T, Dm, N = 4, 512, 512, 16
-    _skip_unless_runnable(backend, work=B * T * Dm * N)
+    skip_unless_runnable(backend, work=B * T * Dm * N)
     args = _scan_inputs(B, T, Dm, N, torch.float32, device_for(backend), seed=6)
     _check_against_step_loop(backend, args, f"selective_scan[{backend}] at GPU size")
 
@@ -234,42 +219,3 @@ def test_cpu_tensors_to_the_cupy_kernel_are_a_value_error():
     args = _scan_inputs(1, 3, 2, 4, torch.float32, "cpu")
     with pytest.raises(ValueError, match="cpu tensor but cupy kernels run on a CUDA GPU"):
         kernels.get("selective_scan", "cupy")(*args)
-
-
-# ---------------------------------------------------------------- CUDA C compiles
-
-def test_selective_scan_cuda_source_compiles_with_nvcc(tmp_path):
-    nvcc = kernels.machine.nvcc_path()
-    if nvcc is None:
-        pytest.skip("nvcc is not installed on this machine")
-    source, ptx = selective_scan_kernels.CU_SOURCE, tmp_path / "out.ptx"
-    result = subprocess.run([nvcc, "-ptx", "-arch=sm_80", "-std=c++17", str(source), "-o", str(ptx)],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert set(selective_scan_kernels.CUPY_ENTRY_POINTS) <= _ptx_entries(ptx.read_text())
-
-
-def test_selective_scan_cuda_source_compiles_with_nvrtc_as_cupy_will():
-    """CuPy's RawModule compiles with NVRTC, which (unlike nvcc) has no host headers such as math.h."""
-    try:
-        from cupy_backends.cuda.libs import nvrtc
-        nvrtc.getVersion()
-    except Exception as err:  # missing library or CuPy: the error type depends on which
-        pytest.skip(f"NVRTC is not loadable here ({type(err).__name__}: {err})")
-    source = selective_scan_kernels.CU_SOURCE
-    program = nvrtc.createProgram(source.read_text(), source.name, [], [])
-    try:
-        try:
-            nvrtc.compileProgram(program, ["-arch=compute_80", "-std=c++17"])
-        except nvrtc.NVRTCError:
-            pytest.fail(nvrtc.getProgramLog(program))
-        ptx = nvrtc.getPTX(program)
-    finally:
-        nvrtc.destroyProgram(program)
-    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-    assert set(selective_scan_kernels.CUPY_ENTRY_POINTS) <= _ptx_entries(ptx)
-
-
-def _ptx_entries(ptx: str) -> set[str]:
-    """Names of the kernels (`.entry name(`) in PTX text."""
-    return set(re.findall(r"\.entry\s+(\w+)\s*\(", ptx))

@@ -1,15 +1,16 @@
-"""Every kernel of the shared blocks against its reference, on every backend, at awkward shapes.
+"""The shared blocks' kernels against their references, on every backend, at awkward shapes; and
+every op's CUDA C (kernels.OP_MODULES) compiled with nvcc and with NVRTC. The chapter ops' kernels
+have their own files, tests/test_kernel_<op>.py.
 
 Outputs are poisoned with NaN (floats) or -1 (indices) before a kernel writes
 them; inputs are fresh random draws. numba_cuda runs through numba's CUDA
 simulator when there is no GPU (slow: the biggest cases then skip with a
 reason and run on a GPU); cupy cases need a GPU and skip with a reason
-elsewhere, while their CUDA C is compile-checked with nvcc wherever it exists.
+elsewhere, while their CUDA C is compile-checked here wherever nvcc / NVRTC exist.
 """
 
 from __future__ import annotations
 
-import re
 import subprocess
 
 import pytest
@@ -17,26 +18,10 @@ import torch
 
 import kernels
 from kernels import attention as attention_kernels
-from kernels import gated_delta_rule as gated_delta_rule_kernels
-from kernels import moe as moe_kernels
 from kernels import rmsnorm as rmsnorm_kernels
 from kernels.check import assert_close, poisoned_outputs, random_tensor
 from kernels.machine import device_for
-
-# numba CPU kernels take float32 and float64; the CUDA ones take float32.
-BACKEND_DTYPES = [pytest.param("numba", torch.float32, id="numba-fp32"),
-                  pytest.param("numba", torch.float64, id="numba-fp64"),
-                  pytest.param("numba_cuda", torch.float32, id="numba_cuda-fp32"),
-                  pytest.param("cupy", torch.float32, id="cupy-fp32")]
-SIMULATOR_BUDGET = 3_000_000  # rough count of inner-loop steps the simulator finishes in about a second
-
-
-def _skip_unless_runnable(backend: str, work: int = 0) -> None:
-    status = kernels.backend_status()[backend]
-    if status.startswith("unavailable"):
-        pytest.skip(f"{backend}: {status}")
-    if backend == "numba_cuda" and kernels.cuda_simulator_enabled() and work > SIMULATOR_BUDGET:
-        pytest.skip(f"too large for the CUDA simulator ({work:,} steps); runs on a GPU")
+from kernel_testing import BACKEND_DTYPES, ptx_entries, skip_unless_runnable
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -51,7 +36,7 @@ RMS_SHAPES = {"rows3-C60": (3, 60), "B2-T5-C63": (2, 5, 63), "one-element": (1, 
 @pytest.mark.parametrize("shape", RMS_SHAPES.values(), ids=RMS_SHAPES.keys())
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_rms_norm_kernel_vs_reference(backend, shape, dtype):
-    _skip_unless_runnable(backend)
+    skip_unless_runnable(backend)
     g, device = _gen(), device_for(backend)
     x = random_tensor(shape, dtype, device, g, scale=3.0)
     w = random_tensor(shape[-1:], dtype, device, g)
@@ -63,7 +48,7 @@ def test_rms_norm_kernel_vs_reference(backend, shape, dtype):
 
 @pytest.mark.parametrize("variant", rmsnorm_kernels.NUMBA_CUDA_LADDER)
 def test_rms_norm_numba_cuda_ladder_vs_reference(variant):
-    _skip_unless_runnable("numba_cuda")
+    skip_unless_runnable("numba_cuda")
     g, device = _gen(1), device_for("numba_cuda")
     x, w = random_tensor((3, 70), device=device, generator=g), random_tensor((70,), device=device, generator=g)
     with poisoned_outputs():
@@ -73,7 +58,7 @@ def test_rms_norm_numba_cuda_ladder_vs_reference(variant):
 
 @pytest.mark.parametrize("variant", rmsnorm_kernels.CUPY_LADDER)
 def test_rms_norm_cupy_ladder_vs_reference(variant):
-    _skip_unless_runnable("cupy")
+    skip_unless_runnable("cupy")
     g = _gen(2)
     x, w = random_tensor((64, 1000), device="cuda", generator=g), random_tensor((1000,), device="cuda", generator=g)
     with poisoned_outputs():
@@ -100,7 +85,7 @@ LARGE_LOGITS = 8.0  # q scaled up so scores span tens of units: the softmax's ma
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_attention_kernel_vs_reference(backend, case, dtype):
     B, T, S, H, G, D, causal, window = case
-    _skip_unless_runnable(backend, work=B * T * H * S * D)
+    skip_unless_runnable(backend, work=B * T * H * S * D)
     g, device = _gen(3), device_for(backend)
     q = random_tensor((B, T, H, D), dtype, device, g)
     k = random_tensor((B, S, G, D), dtype, device, g)
@@ -114,7 +99,7 @@ def test_attention_kernel_vs_reference(backend, case, dtype):
 
 @pytest.mark.parametrize("backend", ["numba", "numba_cuda"])
 def test_attention_kernel_takes_non_contiguous_inputs(backend):
-    _skip_unless_runnable(backend)
+    skip_unless_runnable(backend)
     g, device = _gen(6), device_for(backend)
     q = random_tensor((1, 10, 8, 2), device=device, generator=g).transpose(2, 3)   # [1, 10, 2, 8], heads strided
     k = random_tensor((1, 20, 1, 8), device=device, generator=g)[:, ::2]           # [1, 10, 1, 8], every other step
@@ -126,7 +111,7 @@ def test_attention_kernel_takes_non_contiguous_inputs(backend):
 
 
 def test_attention_cupy_at_gpu_size():
-    _skip_unless_runnable("cupy")
+    skip_unless_runnable("cupy")
     g = _gen(4)
     q = random_tensor((4, 256, 8, 64), device="cuda", generator=g)
     k = random_tensor((4, 256, 2, 64), device="cuda", generator=g)
@@ -161,7 +146,7 @@ def _moe_inputs(case, dtype, device, seed=5):
 @pytest.mark.parametrize("case", MOE_CASES.values(), ids=MOE_CASES.keys())
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_moe_dispatch_and_combine_kernels_vs_reference(backend, case, dtype):
-    _skip_unless_runnable(backend)
+    skip_unless_runnable(backend)
     x, index, E, weight, expert_out = _moe_inputs(case, dtype, device_for(backend))
     if dtype == torch.float64:
         index = index.to(torch.int32)          # the kernels take int32 indices too
@@ -236,7 +221,7 @@ def test_degenerate_sizes_are_value_errors():
 
 @pytest.mark.parametrize("backend", ["numba_cuda", "cupy"])
 def test_head_dim_beyond_the_cuda_accumulator_is_a_value_error(backend):
-    _skip_unless_runnable(backend)
+    skip_unless_runnable(backend)
     q = torch.randn(1, 2, 1, attention_kernels.MAX_HEAD_DIM + 2, device=device_for(backend))
     with pytest.raises(ValueError, match=f"head dimension D <= {attention_kernels.MAX_HEAD_DIM}"):
         kernels.get("attention", backend)(q, q, q)
@@ -244,7 +229,7 @@ def test_head_dim_beyond_the_cuda_accumulator_is_a_value_error(backend):
 
 # ---------------------------------------------------------------- CUDA C compiles
 
-KERNEL_MODULES = [rmsnorm_kernels, attention_kernels, moe_kernels, gated_delta_rule_kernels]
+KERNEL_MODULES = list(kernels.OP_MODULES)  # every op's .cu file
 
 
 @pytest.mark.parametrize("module", KERNEL_MODULES, ids=[m.CU_SOURCE.name for m in KERNEL_MODULES])
@@ -256,7 +241,7 @@ def test_cuda_source_compiles_with_nvcc(module, tmp_path):
     result = subprocess.run([nvcc, "-ptx", "-arch=sm_80", "-std=c++17", str(module.CU_SOURCE), "-o", str(ptx)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert set(module.CUPY_ENTRY_POINTS) <= _ptx_entries(ptx.read_text())
+    assert set(module.CUPY_ENTRY_POINTS) <= ptx_entries(ptx.read_text())
 
 
 @pytest.mark.parametrize("module", KERNEL_MODULES, ids=[m.CU_SOURCE.name for m in KERNEL_MODULES])
@@ -277,9 +262,4 @@ def test_cuda_source_compiles_with_nvrtc_as_cupy_will(module):
     finally:
         nvrtc.destroyProgram(program)
     ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-    assert set(module.CUPY_ENTRY_POINTS) <= _ptx_entries(ptx)
-
-
-def _ptx_entries(ptx: str) -> set[str]:
-    """Names of the kernels (`.entry name(`) in PTX text."""
-    return set(re.findall(r"\.entry\s+(\w+)\s*\(", ptx))
+    assert set(module.CUPY_ENTRY_POINTS) <= ptx_entries(ptx)
