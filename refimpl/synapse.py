@@ -146,20 +146,33 @@ def mlstm(q, k, v, i_pre, f_pre, initial_state=None):
     return mlstm_recurrent(q, k, v, i_pre, f_pre, initial_state, stabilised=True)
 
 
+FORGET_GATES = {"exp": 1.0, "sigmoid": 3.0}  # forget gate -> the initial bias of its pre-activation
+
+
 class MLSTMLayer(nn.Module):
     """The write-up's xLSTM module: q, k, v and the exponential gates projected from x, an output
-    gate o = sigmoid(W_o x), y = W_out (o * h). Forget-gate bias starts at 1 (biased to remember).
-    x: [B, T, C] -> [B, T, C]; with `stabilised=False` the write-up's unstabilised cell (clamped at 20)."""
+    gate o = sigmoid(W_o x), y = W_out (o * h). x: [B, T, C] -> [B, T, C]; with `stabilised=False`
+    the write-up's unstabilised cell (clamped at 20).
 
-    def __init__(self, dim: int, hidden: int, n_heads: int, stabilised: bool = True):
+    `forget_gate` chooses f_t, the factor the memory keeps per token (the xLSTM paper allows both):
+      "exp"      f_t = exp(f~_t), as the write-up has it, bias 1 ("biased to remember"). But exp(1) = 2.7 > 1:
+                 the memory does not forget, it *amplifies* the past, so the oldest tokens dominate every read.
+      "sigmoid"  f_t = sigmoid(f~_t) < 1 (log f = logsigmoid(f~)), bias 3 (keeps 95% per token), as the
+                 xLSTM authors' released mLSTM does.
+    Both reach the recurrences as log f_t, which is all they take."""
+
+    def __init__(self, dim: int, hidden: int, n_heads: int, stabilised: bool = True, forget_gate: str = "exp"):
         super().__init__()
         if min(dim, hidden, n_heads) < 1 or hidden % n_heads:
             raise ValueError(f"MLSTMLayer: hidden={hidden} must be a positive multiple of n_heads={n_heads}")
+        if forget_gate not in FORGET_GATES:
+            raise ValueError(f"MLSTMLayer: forget_gate must be one of {sorted(FORGET_GATES)}, got {forget_gate!r}")
         self.n_heads, self.head_dim, self.stabilised = n_heads, hidden // n_heads, stabilised
+        self.forget_gate = forget_gate
         self.qkv = nn.Linear(dim, 3 * hidden, bias=False)
         self.gates = nn.Linear(dim, 2 * n_heads)                                      # i~ and f~ per head
         with torch.no_grad():
-            self.gates.bias[n_heads:].fill_(1.0)
+            self.gates.bias[n_heads:].fill_(FORGET_GATES[forget_gate])
         self.out_gate = nn.Linear(dim, hidden)
         self.out_proj = nn.Linear(hidden, dim, bias=False)
         self.last_introspection: dict = {}
@@ -172,6 +185,8 @@ class MLSTMLayer(nn.Module):
         H, D = self.n_heads, self.head_dim
         q, k, v = (t.view(B, T, H, D) for t in self.qkv(x).chunk(3, dim=-1))        # [B, T, H, D] each
         i_pre, f_pre = self.gates(x).chunk(2, dim=-1)                                 # [B, T, H] each
+        if self.forget_gate == "sigmoid":
+            f_pre = F.logsigmoid(f_pre)                                               # log f_t, < 0
         start = state[0] if state else None
         if self.stabilised and start is None:
             h, new_state = mlstm_parallel(q, k, v, i_pre, f_pre, return_state=True)   # training: T^2 but ~17x faster
@@ -181,7 +196,7 @@ class MLSTMLayer(nn.Module):
             h, new_state = mlstm_recurrent(q, k, v, i_pre, f_pre, start, stabilised=False, gate_clamp=20.0)
         if state is not None:
             state[:] = [new_state]
-        self.last_introspection = {"input_gate_pre": i_pre.detach(), "forget_gate_pre": f_pre.detach(),
+        self.last_introspection = {"input_gate_pre": i_pre.detach(), "log_forget_gate": f_pre.detach(),
                                    "cell_norm": new_state[0].detach().flatten(2).norm(dim=-1)}  # [B, H]
         y = torch.sigmoid(self.out_gate(x)) * h.reshape(B, T, H * D)                  # [B, T, hidden]
         return self.out_proj(y)                                                       # [B, T, C]
@@ -436,6 +451,7 @@ class SynapseConfig:
     d_expert: int | None = None      # F: SwiGLU width of one expert; None -> 4 * d_model (the write-up's 3072 = 4 x 768)
     xlstm_hidden: int | None = None  # mLSTM width (all heads); None -> 2 * d_model (1536 = 2 x 768)
     xlstm_heads: int = 4             # mLSTM heads
+    xlstm_forget_gate: str = "exp"   # "exp" as written (amplifies the past) or "sigmoid" (see MLSTMLayer)
     memory_heads: int = 2            # fast-weight heads (8 in the write-up)
     memory_head_dim: int = 16        # fast-weight key/value size (64 in the write-up)
     memory_decay: float = 0.95       # fast-weight decay per token
@@ -490,7 +506,7 @@ class SynapseLayer(nn.Module):
         super().__init__()
         C = cfg.d_model
         self.norm_xlstm, self.norm_experts, self.norm_memory = (RMSNorm(C, cfg.norm_eps) for _ in range(3))
-        self.xlstm = MLSTMLayer(C, cfg.xlstm_hidden, cfg.xlstm_heads)
+        self.xlstm = MLSTMLayer(C, cfg.xlstm_hidden, cfg.xlstm_heads, forget_gate=cfg.xlstm_forget_gate)
         self.thalamus = Thalamus(C, cfg.n_experts, cfg.top_k, cfg.d_state, cfg.router_noise)
         self.experts = ExpertPool(C, cfg.d_expert, cfg.n_experts)
         self.memory = FastWeightMemory(C, cfg.memory_heads, cfg.memory_head_dim, cfg.memory_decay, cfg.memory_strength)

@@ -108,3 +108,19 @@ def test_layer_parallel_path_equals_the_step_loop_path():
     assert_close(y_parallel, y_loop, "layer: parallel vs step loop")
     for got, want in zip(fresh[0], zeros[0]):
         assert_close(got, want, "layer state")
+
+
+def test_forget_gate_choice():
+    """"exp" (as written) keeps exp(f~) > 1 at its bias of 1; "sigmoid" keeps sigmoid(f~) < 1, fed in as log f."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 12, dtype=torch.float64)
+    as_written = MLSTMLayer(12, 12, 3).double()
+    assert torch.allclose(as_written.gates.bias[3:], torch.ones(3, dtype=torch.float64))
+    forgetting = MLSTMLayer(12, 12, 3, forget_gate="sigmoid").double()
+    forgetting(x)
+    log_f = forgetting.last_introspection["log_forget_gate"]
+    assert (log_f < 0).all()                                               # the memory shrinks every token
+    i_pre, f_pre = forgetting.gates(x).chunk(2, dim=-1)
+    assert torch.allclose(log_f, torch.nn.functional.logsigmoid(f_pre))
+    with pytest.raises(ValueError, match="forget_gate must be one of"):
+        MLSTMLayer(12, 12, 3, forget_gate="tanh")

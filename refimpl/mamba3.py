@@ -1,0 +1,294 @@
+"""The Mamba-3 scan and layer: a trapezoidal step, a rotating (complex) state, and MIMO.
+
+Paper: Lahoti, Li, Chen, Wang, Bick, Kolter, Dao & Gu 2026, "Mamba-3: Improved Sequence Modeling
+using State Space Principles", arXiv:2603.15569 (section 3: the exponential-trapezoidal
+discretisation, the complex-valued state as data-dependent rotations, and MIMO). Reference code:
+state-spaces/mamba, `mamba_ssm/modules/mamba3.py`; its step-by-step test references
+(`tests/ops/triton/test_mamba3_siso.py`, `tests/ops/tilelang/test_mamba3_mimo.py`) settle the
+details below that the paper's equations leave to the code (where the bias, the rotation and the
+angle's bound go). Chapter 02 (seed 001, H-ENN): the write-up claims a Mamba-3 MIMO backbone with
+a complex state; its public code has none. This file is what such a layer computes.
+
+Per batch element and head, at step t (ranks r = 1..R; the state h is a [P, N] matrix):
+
+    phi_t   = phi_{t-1} + dt_t theta_t                       rotation angles, one per pair of state dims
+    B~_t,r  = Rot(phi_t) B_t,r,   C~_t,r = Rot(phi_t) C_t,r  pairs (2k, 2k+1) turned by phi_t[k]
+    alpha_t = exp(dt_t A_t)                                  decay, A_t <= 0 a scalar per head
+    h_t     = alpha_t h_{t-1}
+            + (1 - lambda_t) dt_t alpha_t  sum_r x_{t-1,r} B~_{t-1,r}^T    the previous input (trapezoid)
+            +      lambda_t  dt_t          sum_r x_{t,r}   B~_{t,r}^T      the current input
+    y_t,r   = h_t C~_t,r + D x_t,r
+
+What each piece is for:
+  - Exponential-trapezoidal step (section 3.1). Over one step the exact solution of
+    h' = A h + B(s) x(s) is e^{dt A} h_{t-1} + integral of e^{(t-s) A} B(s) x(s) ds. Mamba-1/2
+    approximate the integral by its right end only, dt B_t x_t ("exponential-Euler"); Mamba-3
+    blends both ends, the left one carrying its decay e^{dt A}, with a learned gate lambda_t in
+    [0, 1]: lambda = 1 is Mamba-2's rule, lambda = 1/2 the classical trapezoid. This is why the
+    scan must remember the previous token's B~ x.
+  - Complex state as rotations (section 3.2). A complex diagonal state, eigenvalue A + i*omega per
+    pair of real state dimensions, turns each pair by dt*omega every step. Multiplying the state by the running
+    rotation Rot(phi_t) cancels the turning from the recurrence and moves it onto B and C ("the RoPE
+    trick"): what is left is a real recurrence with a scalar decay, Mamba-2's shape. With the
+    un-rotated state g_t = Rot(phi_t)^T h_t the same scan reads
+        g_t = Rot(-dt_t theta_t) (alpha_t g_{t-1} + (1 - lambda_t) dt_t alpha_t B_{t-1} x_{t-1}) + lambda_t dt_t B_t x_t,
+        y_t = g_t C_t,
+    a complex state with omega = -theta. The sign is a convention (theta is learned, and its
+    bound is symmetric); we rotate B and C by +phi as the reference code does.
+  - MIMO (section 3.3). Each head takes R input channels x_t,r (each [P]) instead of one and gives
+    R outputs; the state update becomes rank R. Decoding reads and writes the same [P, N] state, so
+    R times the arithmetic costs almost no extra time on memory-bound hardware.
+
+Glossary (the reference code's letters, Bm/Cm as in refimpl/ssm.py)
+    B  batch   T tokens   H heads   P head dim   N state size   R MIMO rank   K rotated pairs (K <= N/2)
+    x       [B, T, H, R, P]  inputs, R channels per head (the layer makes them from one [P] vector)
+    dt      [B, T, H]        step sizes, > 0
+    A       [B, T, H]        rates, <= 0: a scalar per head and token (Mamba-3's A is data-dependent;
+                             a constant one is A.expand(B, T, H))
+    Bm, Cm  [B, T, H, R, N]  input and output maps, before rotation
+    theta   [B, T, H, K]     angular velocities; pairs K..N/2 - 1 do not turn. None: a real state
+    trap    [B, T, H]        lambda in [0, 1]. None: lambda = 1 (exponential-Euler, as Mamba-2)
+    D       [H]              skip
+    y       [B, T, H, R, P]  outputs, one per rank
+    Mamba3ScanState, what a call carries to the next:
+      h       [B, H, P, N]   the state (rotated frame)
+      angle   [B, H, K]      phi of the last token, kept in [0, 2 pi)
+      B_prev  [B, H, R, N]   the last token's B~, already rotated
+      x_prev  [B, H, R, P]   the last token's x
+
+Reduction to S6 (`refimpl.ssm.selective_scan_recurrent`): R = 1, theta None (or zeros), trap None
+(or ones), one head per S6 channel with head dim P = 1, and an S6 A whose rows are constant,
+A_s6[d, n] = a_d (Mamba-3, like Mamba-2, has one scalar rate per head where S6 has one per state
+index). With Dm = H:
+    x[b, t, d, 0, 0] = u[b, t, d]          dt[b, t, d] = delta[b, t, d]     A[b, t, d] = a_d
+    Bm[b, t, d, 0, :] = B_s6[b, t, :]      Cm[b, t, d, 0, :] = C_s6[b, t, :]   D = D_s6
+    h[b, d, 0, :] = h_s6[b, d, :]          and then y[b, t, d, 0, 0] = y_s6[b, t, d].
+
+Does not include: a chunked (matrix) form or kernels (the step loop is the ground truth); several
+groups of B and C (the layer projects one B and one C for all heads, plus a bias per head, as the
+reference's default ngroups = 1 does); the
+optional gated RMSNorm before the output projection (`is_outproj_norm`); variable-length batches;
+the MIMO kernel's pairing of dim i with i + N/2 (a memory layout; we pair (2k, 2k+1) throughout,
+as the reference's step functions do).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from refimpl.blocks import RMSNorm
+
+
+class Mamba3ScanState(NamedTuple):
+    """What one scan call hands to the next. Any field may be None, which means zeros (a fresh start).
+
+    angle is None when the scan has no rotation; B_prev and x_prev are None before the first token
+    (the trapezoid's "previous input" term is then zero)."""
+    h: torch.Tensor | None                   # [B, H, P, N] the state, in the rotated frame
+    angle: torch.Tensor | None = None        # [B, H, K] the last token's phi, in [0, 2 pi)
+    B_prev: torch.Tensor | None = None       # [B, H, R, N] the last token's rotated B
+    x_prev: torch.Tensor | None = None       # [B, H, R, P] the last token's input
+
+
+def check_mamba3_args(x, dt, A, Bm, Cm, theta, trap, D, initial_state):
+    """Validate the scan's arguments; return (B, T, H, R, P, N, K), with K = 0 when theta is None."""
+    for name, t in (("x", x), ("dt", dt), ("A", A), ("B", Bm), ("C", Cm)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"mamba3_scan: {name} must be a floating-point tensor")
+    if x.dim() != 5:
+        raise ValueError(f"mamba3_scan: x must be [B, T, H, R, P], got {list(x.shape)}")
+    Bsz, T, H, R, P = x.shape
+    for name, t in (("dt", dt), ("A", A)):
+        if tuple(t.shape) != (Bsz, T, H):
+            raise ValueError(f"mamba3_scan: {name} must be [B, T, H] = [{Bsz}, {T}, {H}], got {list(t.shape)}")
+    if Bm.dim() != 5 or tuple(Bm.shape[:4]) != (Bsz, T, H, R):
+        raise ValueError(f"mamba3_scan: B must be [B, T, H, R, N] = [{Bsz}, {T}, {H}, {R}, N], got {list(Bm.shape)}")
+    N = Bm.shape[4]
+    if tuple(Cm.shape) != (Bsz, T, H, R, N):
+        raise ValueError(f"mamba3_scan: C must be [B, T, H, R, N] = [{Bsz}, {T}, {H}, {R}, {N}], got {list(Cm.shape)}")
+    if min(Bsz, T, H, R, P, N) < 1:
+        raise ValueError(f"mamba3_scan: every size must be >= 1, got x {list(x.shape)}, B {list(Bm.shape)}")
+    K = 0
+    if theta is not None:
+        if not isinstance(theta, torch.Tensor) or not theta.is_floating_point():
+            raise ValueError("mamba3_scan: theta must be a floating-point tensor or None")
+        K = theta.shape[-1] if theta.dim() == 4 else -1
+        if tuple(theta.shape[:3]) != (Bsz, T, H) or not 1 <= K <= N // 2:
+            raise ValueError(f"mamba3_scan: theta must be [B, T, H, K] = [{Bsz}, {T}, {H}, K] "
+                             f"with 1 <= K <= N/2 = {N // 2}, got {list(theta.shape)}")
+    if trap is not None and (not isinstance(trap, torch.Tensor) or tuple(trap.shape) != (Bsz, T, H)):
+        raise ValueError(f"mamba3_scan: trap must be [B, T, H] = [{Bsz}, {T}, {H}], "
+                         f"got {list(getattr(trap, 'shape', [])) or type(trap).__name__}")
+    if D is not None and (not isinstance(D, torch.Tensor) or tuple(D.shape) != (H,)):
+        raise ValueError(f"mamba3_scan: D must be [H] = [{H}], got {list(getattr(D, 'shape', [])) or type(D).__name__}")
+    if initial_state is not None:
+        if not isinstance(initial_state, Mamba3ScanState):
+            raise ValueError(f"mamba3_scan: initial_state must be a Mamba3ScanState or None, "
+                             f"got {type(initial_state).__name__}")
+        expected = {"h": ("[B, H, P, N]", (Bsz, H, P, N)), "angle": ("[B, H, K]", (Bsz, H, K)),
+                    "B_prev": ("[B, H, R, N]", (Bsz, H, R, N)), "x_prev": ("[B, H, R, P]", (Bsz, H, R, P))}
+        for name, (letters, shape) in expected.items():
+            t = getattr(initial_state, name)
+            if name == "angle" and theta is None:
+                continue                                   # no rotation in this call: the angle is passed through
+            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
+                raise ValueError(f"mamba3_scan: initial_state.{name} must be {letters} = {list(shape)}, "
+                                 f"got {list(getattr(t, 'shape', [])) or type(t).__name__}")
+        if (initial_state.B_prev is None) != (initial_state.x_prev is None):
+            raise ValueError("mamba3_scan: initial_state.B_prev and x_prev must be given together (or both None)")
+    return Bsz, T, H, R, P, N, K
+
+
+def rotate_pairs(v: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Turn the pairs (v[..., 2k], v[..., 2k+1]) by angle[..., k] for k < K; dims 2K and on stay as they are.
+
+    v: [..., N], angle: [..., K] (broadcast against v's leading dims) -> [..., N].
+    As complex numbers v_2k + i v_2k+1, this multiplies pair k by e^{i angle_k}.
+    """
+    K = angle.shape[-1]
+    pairs = v[..., :2 * K].unflatten(-1, (K, 2))                   # [..., K, 2]
+    re, im = pairs[..., 0], pairs[..., 1]                           # [..., K] each
+    cos, sin = angle.cos(), angle.sin()
+    turned = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)  # [..., 2K]
+    return torch.cat([turned, v[..., 2 * K:]], dim=-1)             # [..., N]
+
+
+def mamba3_scan_recurrent(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initial_state=None):
+    """The step loop: the ground truth. Returns (y [B, T, H, R, P], Mamba3ScanState after the last token).
+
+    Running the sequence in two calls, the second starting from the first's returned state, gives
+    the same outputs and state as one call.
+    """
+    Bsz, T, H, R, P, N, K = check_mamba3_args(x, dt, A, Bm, Cm, theta, trap, D, initial_state)
+    start = initial_state if initial_state is not None else Mamba3ScanState(None)
+    h = start.h if start.h is not None else x.new_zeros(Bsz, H, P, N)                 # [B, H, P, N]
+    angle = start.angle
+    if theta is not None and angle is None:
+        angle = x.new_zeros(Bsz, H, K)                                                # [B, H, K]
+    # Before the first token there is no previous input: zeros make its trapezoid term vanish.
+    B_prev = start.B_prev if start.B_prev is not None else x.new_zeros(Bsz, H, R, N)  # [B, H, R, N]
+    x_prev = start.x_prev if start.x_prev is not None else x.new_zeros(Bsz, H, R, P)  # [B, H, R, P]
+    ys = []
+    for t in range(T):
+        B_t, C_t, x_t, dt_t = Bm[:, t], Cm[:, t], x[:, t], dt[:, t]                    # [B, H, R, N|P], [B, H]
+        if theta is not None:
+            # phi grows by dt * theta; kept in [0, 2 pi) so cos and sin stay accurate over long sequences
+            angle = torch.remainder(angle + dt_t[..., None] * theta[:, t], 2 * math.pi)  # [B, H, K]
+            B_t = rotate_pairs(B_t, angle[:, :, None, :])                             # [B, H, R, N] B~_t
+            C_t = rotate_pairs(C_t, angle[:, :, None, :])                             # [B, H, R, N] C~_t
+        lam = trap[:, t] if trap is not None else torch.ones_like(dt_t)               # [B, H]
+        alpha = torch.exp(dt_t * A[:, t])                                             # [B, H] decay
+        beta = (1 - lam) * dt_t * alpha                                               # [B, H] weight of the previous input
+        gamma = lam * dt_t                                                            # [B, H] weight of the current input
+        now = torch.einsum("bhrp,bhrn->bhpn", x_t, B_t)                               # [B, H, P, N] sum_r x_r B~_r^T
+        before = torch.einsum("bhrp,bhrn->bhpn", x_prev, B_prev)                      # [B, H, P, N] the same, at t - 1
+        h = alpha[..., None, None] * h + beta[..., None, None] * before + gamma[..., None, None] * now
+        ys.append(torch.einsum("bhpn,bhrn->bhrp", h, C_t))                            # [B, H, R, P] h C~_r
+        B_prev, x_prev = B_t, x_t
+    y = torch.stack(ys, dim=1)                                                        # [B, T, H, R, P]
+    if D is not None:
+        y = y + D[:, None, None] * x
+    return y, Mamba3ScanState(h, angle, B_prev, x_prev)
+
+
+def mamba3_scan(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initial_state=None):
+    """The op models call: the step loop. Returns (y [B, T, H, R, P], Mamba3ScanState)."""
+    return mamba3_scan_recurrent(x, dt, A, Bm, Cm, theta, trap, D, initial_state)
+
+
+class Mamba3State:
+    """What a Mamba3Layer carries between calls: the scan's state (h, angle, previous B~ and x).
+
+    Mamba-3 has no short convolution, so unlike MambaState there is no window of past inputs."""
+
+    def __init__(self):
+        self.scan: Mamba3ScanState | None = None
+
+
+class Mamba3Layer(nn.Module):
+    """The Mamba-3 block around the scan. u: [B, T, C] -> [B, T, C].
+
+        x, z    = W_x u, W_z u                                   [B, T, H, P] each
+        dt      = softplus(W_dt u + dt_bias)                     [B, T, H]
+        A       = min(-softplus(W_A u), -A_floor)                [B, T, H]  the floor keeps alpha < 1
+        lambda  = sigmoid(W_lambda u)                            [B, T, H]  the trapezoid gate
+        theta   = pi * tanh(W_theta u)                           [B, T, K]  shared by all heads (each turns by its own dt)
+        B, C    = RMSNorm(W_B u) + B_bias, RMSNorm(W_C u) + C_bias   [B, T, H, R, N]  one projection for all heads,
+                                                                      a learned bias per head and rank (starts at 1)
+        x_r     = x * mimo_x[r],  z_r = z * mimo_z[r]            [B, T, H, R, P]  (R > 1: per-rank scales of each head dim)
+        y_r     = mamba3_scan(x_r, dt, A, B, C, theta, lambda, D)
+        out     = W_o sum_r mimo_o[r] * y_r * SiLU(z_r)          (R = 1: W_o (y * SiLU(z)))
+
+    K = floor(d_state * rope_fraction / 2) pairs of state dims turn (the reference default: half);
+    rope_fraction = 0 gives a real-valued state. No convolution and no output norm: the reference
+    module drops Mamba's short convolution, and its output RMSNorm is off by default.
+    """
+
+    def __init__(self, dim: int, d_state: int = 16, expand: int = 2, head_dim: int = 16, mimo_rank: int = 4,
+                 rope_fraction: float = 0.5, A_floor: float = 1e-4, dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 dt_init_floor: float = 1e-4):
+        super().__init__()
+        if min(dim, d_state, expand, head_dim, mimo_rank) < 1:
+            raise ValueError(f"Mamba3Layer: dim, d_state, expand, head_dim, mimo_rank must be >= 1, "
+                             f"got {dim}, {d_state}, {expand}, {head_dim}, {mimo_rank}")
+        if (expand * dim) % head_dim:
+            raise ValueError(f"Mamba3Layer: head_dim {head_dim} must divide d_inner = expand * dim = {expand * dim}")
+        if not 0.0 <= rope_fraction <= 1.0:
+            raise ValueError(f"Mamba3Layer: rope_fraction must be in [0, 1], got {rope_fraction}")
+        if not (A_floor >= 0 and 0 < dt_min <= dt_max):
+            raise ValueError(f"Mamba3Layer: need A_floor >= 0 and 0 < dt_min <= dt_max, "
+                             f"got {A_floor}, {dt_min}, {dt_max}")
+        self.d_inner = expand * dim
+        self.n_heads, self.head_dim = self.d_inner // head_dim, head_dim
+        self.d_state, self.mimo_rank = d_state, mimo_rank
+        self.n_angles = int(d_state * rope_fraction) // 2                             # K rotated pairs
+        self.A_floor = A_floor
+        H, P, N, R, K = self.n_heads, head_dim, d_state, mimo_rank, self.n_angles
+        self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)                   # x and z
+        self.dt_proj = nn.Linear(dim, H, bias=False)
+        self.A_proj = nn.Linear(dim, H, bias=False)
+        self.trap_proj = nn.Linear(dim, H, bias=False)
+        self.theta_proj = nn.Linear(dim, K, bias=False) if K > 0 else None
+        self.B_proj = nn.Linear(dim, R * N, bias=False)
+        self.C_proj = nn.Linear(dim, R * N, bias=False)
+        self.B_norm, self.C_norm = RMSNorm(N, eps=1e-5), RMSNorm(N, eps=1e-5)
+        self.B_bias = nn.Parameter(torch.ones(H, R, N))
+        self.C_bias = nn.Parameter(torch.ones(H, R, N))
+        dt = torch.exp(torch.empty(H).uniform_(math.log(dt_min), math.log(dt_max))).clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))               # softplus(dt_bias) = dt
+        self.D = nn.Parameter(torch.ones(H))
+        if R > 1:
+            self.mimo_x = nn.Parameter(torch.full((H, R, P), 1.0 / R))               # one head vector -> R inputs
+            self.mimo_z = nn.Parameter(torch.ones(H, R, P))                           # and R gates
+            self.mimo_o = nn.Parameter(torch.full((H, R, P), 1.0 / R))               # R outputs -> one head vector
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
+
+    def forward(self, u: torch.Tensor, state: Mamba3State | None = None) -> torch.Tensor:
+        """u: [B, T, C] -> [B, T, C]. Pass a Mamba3State to carry the scan across calls."""
+        Bsz, T, _ = u.shape
+        H, P, N, R, K = self.n_heads, self.head_dim, self.d_state, self.mimo_rank, self.n_angles
+        x, z = self.in_proj(u).view(Bsz, T, 2, H, P).unbind(dim=2)                   # [B, T, H, P] each
+        dt = F.softplus(self.dt_proj(u) + self.dt_bias)                               # [B, T, H], > 0
+        A = (-F.softplus(self.A_proj(u))).clamp(max=-self.A_floor)                    # [B, T, H], <= -A_floor
+        lam = torch.sigmoid(self.trap_proj(u))                                        # [B, T, H], in (0, 1)
+        theta = None
+        if K > 0:
+            theta = (math.pi * torch.tanh(self.theta_proj(u)))[:, :, None, :].expand(Bsz, T, H, K)  # [B, T, H, K]
+        Bm = self.B_norm(self.B_proj(u).view(Bsz, T, 1, R, N)) + self.B_bias          # [B, T, H, R, N]
+        Cm = self.C_norm(self.C_proj(u).view(Bsz, T, 1, R, N)) + self.C_bias          # [B, T, H, R, N]
+        if R > 1:
+            xs, zs = x[:, :, :, None] * self.mimo_x, z[:, :, :, None] * self.mimo_z  # [B, T, H, R, P] each
+        else:
+            xs, zs = x[:, :, :, None], z[:, :, :, None]                               # [B, T, H, 1, P]
+        start = state.scan if state is not None else None
+        y, carried = mamba3_scan(xs, dt, A, Bm, Cm, theta, lam, self.D, start)        # [B, T, H, R, P]
+        if state is not None:
+            state.scan = carried
+        y = y * F.silu(zs)                                                            # output gate, per rank
+        y = (y * self.mimo_o).sum(dim=3) if R > 1 else y[:, :, :, 0]                  # [B, T, H, P]
+        return self.out_proj(y.reshape(Bsz, T, H * P))                                # [B, T, C]
