@@ -38,6 +38,8 @@ lab: $(STAMP)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/shared_blocks.py
+	$(BIN)/python benchmarks/gated_delta_rule.py
+	$(BIN)/python benchmarks/synapse.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -7,7 +7,7 @@
 The truth and the baseline of each recurrence is its step loop, the form the chapter calls ground
 truth; torch.compile compiles that loop. The other PyTorch forms are timed beside it:
 
-    selective_scan       step loop `selective_scan_recurrent`; the chunked form (the op models call)
+    selective_scan       step loop `selective_scan_recurrent` (the op models call); the chunked form
     mlstm                step loop `mlstm_recurrent` (stabilised; the op models call)
     fast_weight_memory   step loop `fast_weight_memory_recurrent` (the op models call); the parallel form
     ties_merge           `refimpl.merging.ties_merge` (vectorised PyTorch: topk, sign, masked mean)
@@ -40,7 +40,7 @@ BACKENDS = {"cpu": ["numba"], "cuda": ["numba_cuda", "cupy"]}
 # (label, op, the truth and baseline, {name: other PyTorch form timed beside it})
 CASES = [
     ("selective scan (S6)", "selective_scan", ssm.selective_scan_recurrent,
-     {"chunked (refimpl op)": ssm.selective_scan_chunked}),
+     {"chunked form": ssm.selective_scan_chunked}),
     ("mLSTM (stabilised)", "mlstm", synapse.mlstm_recurrent, {}),
     ("fast-weight memory", "fast_weight_memory", synapse.fast_weight_memory_recurrent,
      {"parallel form": synapse.fast_weight_memory_parallel}),

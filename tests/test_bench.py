@@ -192,3 +192,35 @@ def test_shared_blocks_script_uses_the_small_preset_and_finds_its_kernels():
         (q, k, v), kwargs = script.case_inputs(case)("cpu", 0)
         assert_close(script.builtin_attention(q[:2], k[:2], v[:2], **kwargs),
                      ops.attention(q[:2], k[:2], v[:2], **kwargs), f"SDPA adapter, {case}")
+
+
+def test_nested_state_outputs_are_flattened_for_the_gate():
+    """mLSTM returns (h, (C, n, m)): four tensors compared, and a wrong m is caught."""
+    from kernels.check import example_inputs
+
+    def make(device, seed):
+        _, args, kwargs = example_inputs("tiny", device, seed=seed)["mlstm"]
+        return args, kwargs
+
+    def wrong_m(*args, **kwargs):
+        h, (C, n, m) = kernels.get("mlstm", "numba")(*args, **kwargs)
+        return h, (C, n, m + 1.0)
+
+    result = bench.benchmark_op("mlstm", make, ["numba", "wrong_m"], compile=False,
+                                kernel_overrides={"wrong_m": wrong_m}, **FAST)
+    assert [c["passed"] for c in result["variants"]["numba"]["gate"]["comparisons"]] == [True] * 4
+    assert [c["passed"] for c in result["variants"]["wrong_m"]["gate"]["comparisons"]] == [True, True, True, False]
+
+
+def test_synapse_script_finds_its_kernels_and_references():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "synapse.py"
+    spec = importlib.util.spec_from_file_location("synapse_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)                             # defines the cases; runs nothing
+    for _, op, reference, others in script.CASES:
+        assert "numba" in kernels.registered()[op]
+        args, kwargs = script.case_inputs(op)("cpu", 0)
+        assert args[0].shape[0] in (3, 16)                      # batch 16 (the small shapes); TIES: K = 3 task vectors
