@@ -25,10 +25,9 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
-from kernels.bench import benchmark_op, measure_ceilings, plot_ratios, print_table, provenance  # noqa: E402
+from kernels.bench import benchmark_op, measure_ceilings, provenance, save_and_report  # noqa: E402
 from kernels.check import example_inputs, example_shapes  # noqa: E402
 from refimpl.gated_deltanet import gated_delta_rule_chunked, gated_delta_rule_recurrent  # noqa: E402
-from refimpl.io import write_json  # noqa: E402
 
 BACKENDS = {"cpu": ["numba"], "cuda": ["numba_cuda", "cupy"]}
 
@@ -61,12 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                            "reference": "gated_delta_rule_recurrent (step loop)", "timing": timing,
                            "shapes": example_shapes("small")},
               "provenance": info, "ceilings": ceilings, "results": [result]}
-    json_path = write_json(ROOT / "benchmarks" / "results" / f"gated_delta_rule_{args.device}.json", record)
-    figure_path = ROOT / "figures" / "benchmarks" / f"gated_delta_rule_{args.device}.png"
-    plot_ratios([result], figure_path, provenance=info)
-    print_table([result], ceilings)
-    print(f"\nwrote {json_path.relative_to(ROOT)} and {figure_path.relative_to(ROOT)}")
-    return 1 if result["failed"] else 0
+    return save_and_report(record, ROOT / "benchmarks" / "results" / f"gated_delta_rule_{args.device}.json",
+                           ROOT / "figures" / "benchmarks" / f"gated_delta_rule_{args.device}.png")
 
 
 if __name__ == "__main__":

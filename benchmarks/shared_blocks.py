@@ -36,10 +36,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
-from kernels.bench import benchmark_op, measure_ceilings, plot_ratios, print_table, provenance  # noqa: E402
+from kernels.bench import benchmark_op, measure_ceilings, provenance, save_and_report  # noqa: E402
 from kernels.check import example_inputs, example_shapes  # noqa: E402
 from refimpl import ops  # noqa: E402
-from refimpl.io import write_json  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 FIGURES_DIR = ROOT / "figures" / "benchmarks"
@@ -155,17 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         "ceilings": ceilings,
         "results": results,
     }
-    json_path = write_json(RESULTS_DIR / f"shared_blocks_{args.device}.json", record)
-    figure_path = FIGURES_DIR / f"shared_blocks_{args.device}.png"
-    plot_ratios(results, figure_path, provenance=info)
-
-    print_table(results, ceilings)
-    print(f"\nwrote {json_path.relative_to(ROOT)} and {figure_path.relative_to(ROOT)}")
-    failed = [f"{r['label']}: {name}" for r in results for name in r["failed"]]
-    if failed:
-        print("FAILED the correctness gate (not timed): " + ", ".join(failed), file=sys.stderr)
-        return 1
-    return 0
+    return save_and_report(record, RESULTS_DIR / f"shared_blocks_{args.device}.json",
+                           FIGURES_DIR / f"shared_blocks_{args.device}.png")
 
 
 if __name__ == "__main__":

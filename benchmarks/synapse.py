@@ -30,10 +30,9 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
-from kernels.bench import benchmark_op, measure_ceilings, plot_ratios, print_table, provenance  # noqa: E402
+from kernels.bench import benchmark_op, measure_ceilings, provenance, save_and_report  # noqa: E402
 from kernels.check import example_inputs, example_shapes  # noqa: E402
 from refimpl import merging, ssm, synapse  # noqa: E402
-from refimpl.io import write_json  # noqa: E402
 
 BACKENDS = {"cpu": ["numba"], "cuda": ["numba_cuda", "cupy"]}
 
@@ -80,16 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                            "references": {op: f"{ref.__module__}.{ref.__qualname__}" for _, op, ref, _ in CASES},
                            "shapes": example_shapes("small")},
               "provenance": info, "ceilings": ceilings, "results": results}
-    json_path = write_json(ROOT / "benchmarks" / "results" / f"synapse_{args.device}.json", record)
-    figure_path = ROOT / "figures" / "benchmarks" / f"synapse_{args.device}.png"
-    plot_ratios(results, figure_path, provenance=info)
-    print_table(results, ceilings)
-    print(f"\nwrote {json_path.relative_to(ROOT)} and {figure_path.relative_to(ROOT)}")
-    failed = [f"{r['label']}: {name}" for r in results for name in r["failed"]]
-    if failed:
-        print("FAILED the correctness gate (not timed): " + ", ".join(failed), file=sys.stderr)
-        return 1
-    return 0
+    return save_and_report(record, ROOT / "benchmarks" / "results" / f"synapse_{args.device}.json",
+                           ROOT / "figures" / "benchmarks" / f"synapse_{args.device}.png")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -623,3 +624,20 @@ def results_markdown(record: dict) -> str:
                          f"{variant['speedup_vs_reference']:.2f}× | "
                          f"{'' if vs_compile is None else f'{vs_compile:.2f}×'} |")
     return "\n".join(lines)
+
+
+def save_and_report(record: dict, json_path: str | os.PathLike, figure_path: str | os.PathLike) -> int:
+    """What every benchmark script ends with: write the record as JSON and its figure, print the table,
+    name every variant that failed the correctness gate. Returns the script's exit code (1 if any failed)."""
+    from refimpl.io import write_json
+
+    results = record["results"]
+    write_json(json_path, record)
+    plot_ratios(results, figure_path, provenance=record["provenance"])
+    print_table(results, record["ceilings"])
+    print(f"\nwrote {json_path} and {figure_path}")
+    failed = [f"{r['label']}: {name}" for r in results for name in r["failed"]]
+    if failed:
+        print("FAILED the correctness gate (not timed): " + ", ".join(failed), file=sys.stderr)
+        return 1
+    return 0

@@ -174,6 +174,11 @@ def test_results_are_json_without_nan_and_the_figure_is_written(tmp_path):
     assert [p.name for p in png.parent.iterdir()] == ["ratios.png"]  # no temporary file left behind
     assert "cpu" in figure.axes[0].get_title()
 
+    code = bench.save_and_report(record, tmp_path / "out" / "bench.json", tmp_path / "out" / "bench.png")
+    assert code == 1                                             # the "nan" variant failed its gate
+    assert read_json(tmp_path / "out" / "bench.json") == json.loads(json.dumps(record))
+    assert (tmp_path / "out" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
 
 def test_shared_blocks_script_uses_the_small_preset_and_finds_its_kernels():
     import importlib.util
