@@ -19,7 +19,6 @@ Writes benchmarks/results/synapse_<device>.json and figures/benchmarks/synapse_<
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,10 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
-from kernels.bench import benchmark_op, measure_ceilings, provenance, save_and_report  # noqa: E402
+from kernels.bench import benchmark_op, measure_ceilings, provenance, save_and_report, script_options  # noqa: E402
 from kernels.check import example_inputs, example_shapes  # noqa: E402
 from refimpl import merging, ssm, synapse  # noqa: E402
 
@@ -55,17 +53,7 @@ def case_inputs(op: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer timed runs, no torch.compile")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: torch.cuda.is_available() is False on this machine", file=sys.stderr)
-        return 2
-
-    timing = {"repeats": 3, "min_seconds": 0.05, "warmup": 1} if args.quick else {"repeats": 10, "min_seconds": 1.0, "warmup": 2}
-    if args.device == "cuda":
-        timing = {"repeats": 20 if args.quick else 100, "warmup": timing["warmup"]}
+    args, timing = script_options(__doc__.split("\n\n")[0], argv)
     info = provenance()
     ceilings = measure_ceilings(args.device, quick=args.quick)
     results = []

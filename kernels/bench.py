@@ -641,3 +641,23 @@ def save_and_report(record: dict, json_path: str | os.PathLike, figure_path: str
         print("FAILED the correctness gate (not timed): " + ", ".join(failed), file=sys.stderr)
         return 1
     return 0
+
+
+def script_options(description: str, argv: list[str] | None = None):
+    """The command line a chapter's benchmark script takes (--device cpu|cuda, --quick) and the timer
+    settings that go with it. Returns (args, timing); exits with status 2 and a message when
+    --device cuda is asked for on a machine without a GPU."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer timed runs, no torch.compile")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    if args.device == "cuda":
+        timing = {"repeats": 20, "warmup": 1} if args.quick else {"repeats": 100, "warmup": 2}
+    else:
+        timing = ({"repeats": 3, "min_seconds": 0.05, "warmup": 1} if args.quick
+                  else {"repeats": 10, "min_seconds": 1.0, "warmup": 2})
+    return args, timing

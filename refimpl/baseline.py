@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from refimpl.blocks import (GroupedQueryAttention, KVCache, RMSNorm, SwiGLU, TopKMoE, config_from_preset,
-                            count_parameters, init_lm_weights)
+from refimpl.blocks import (GroupedQueryAttention, KVCache, RMSNorm, SwiGLU, TopKMoE, check_token_ids,
+                            config_from_preset, count_parameters, init_lm_weights)
 
 
 @dataclass
@@ -118,10 +118,7 @@ class BaselineLM(nn.Module):
         load-balancing loss. Pass `caches` (one KVCache per layer) to decode
         token by token; the result equals the full forward.
         """
-        if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"BaselineLM expects idx as an int tensor [B, T], got {idx.dtype} {list(idx.shape)}")
-        if idx.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
+        check_token_ids("BaselineLM", idx, self.cfg.max_seq_len)
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"need one KVCache per layer ({len(self.blocks)}), got {len(caches)}")
         x = self.embed(idx)                                          # [B, T, C]

@@ -245,3 +245,12 @@ class TopKMoE(nn.Module):
         self.aux_loss = load_balancing_loss(probs, counts)
         self.last_stats = {"tokens_per_expert": counts.float().detach(), "mean_router_prob": probs.mean(0).detach()}
         return y.view(shape)
+
+
+def check_token_ids(model: str, idx: torch.Tensor, max_seq_len: int) -> None:
+    """What every language model of the book checks first: idx is an int tensor [B, T] with T <= max_seq_len."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{model} expects idx as an int tensor [B, T], got "
+                         f"{getattr(idx, 'dtype', type(idx).__name__)} {list(getattr(idx, 'shape', []))}")
+    if idx.shape[1] > max_seq_len:
+        raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than max_seq_len={max_seq_len}")

@@ -44,8 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from refimpl.blocks import (GroupedQueryAttention, KVCache, RMSNorm, TopKMoE, config_from_preset, count_parameters,
-                            init_lm_weights)
+from refimpl.blocks import (GroupedQueryAttention, KVCache, RMSNorm, TopKMoE, check_token_ids, config_from_preset,
+                            count_parameters, init_lm_weights)
 from refimpl.gated_deltanet import GatedDeltaNet, GatedDeltaNetState
 
 LAYOUTS = ("prenorm", "as_written")
@@ -211,11 +211,8 @@ class SuperblockLM(nn.Module):
 
     def hidden(self, idx: torch.Tensor, states: list[SuperblockState] | None = None):
         """idx: [B, T] -> (final hidden [B, T, C], every block's MTP hiddens). `states` carries decoding."""
-        if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"SuperblockLM expects idx as an int tensor [B, T], got {idx.dtype} {list(idx.shape)}")
+        check_token_ids("SuperblockLM", idx, self.cfg.max_seq_len)
         B, T = idx.shape
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
         if states is not None and len(states) != len(self.blocks):
             raise ValueError(f"need one SuperblockState per superblock ({len(self.blocks)}), got {len(states)}")
         x = self.embed(idx)                                                   # [B, T, C]

@@ -50,8 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from refimpl.blocks import (ExpertPool, RMSNorm, config_from_preset, count_parameters, init_lm_weights,
-                            load_balancing_loss)
+from refimpl.blocks import (ExpertPool, RMSNorm, check_token_ids, config_from_preset, count_parameters,
+                            init_lm_weights, load_balancing_loss)
 from refimpl.ssm import MambaLayer, MambaState
 
 
@@ -556,10 +556,7 @@ class SynapseLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, states: list[SynapseState] | None = None):
         """idx: [B, T] -> (logits [B, T, V], loss or None). `states` carries every layer's memory across calls."""
-        if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"SynapseLM expects idx as an int tensor [B, T], got {idx.dtype} {list(idx.shape)}")
-        if idx.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
+        check_token_ids("SynapseLM", idx, self.cfg.max_seq_len)
         if states is not None and len(states) != len(self.layers):
             raise ValueError(f"need one SynapseState per layer ({len(self.layers)}), got {len(states)}")
         x = self.embed(idx)                                                          # [B, T, C]
