@@ -13,7 +13,11 @@ Per-row symmetric quantisation with b bits: scale_r = max_j |w_rj| / q_max, q_ma
 (31 for INT6, 7 for INT4), q = round(w / scale).clamp(-q_max, q_max); the dequantised weight is q * scale.
 A row of zeros gets scale 1 (and stays zeros).
 
-Glossary: R rows, K columns (a weight [R, K] as nn.Linear stores it), n values packed.
+Packing works on the last dimension of a tensor, row by row (`pack_bits`, `unpack_bits`), so a
+packed weight [R, bytes] can be dequantised row by row (`dequantize_packed`). These three are the
+ops the kernels in kernels/quant.py replace.
+
+Glossary: R rows, K columns (a weight [R, K] as nn.Linear stores it), n values per packed row.
 
 Does not include: compression of the packed bytes (the artifact calculator in chapter 02 does that
 with the standard library's lzma), or per-group scales.
@@ -21,7 +25,6 @@ with the standard library's lzma), or per-group scales.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 BITS = (4, 6, 8)
@@ -63,50 +66,85 @@ def fake_quantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
     return weight + (rounded - weight).detach()
 
 
-def _as_values(q, low: int, high: int, name: str) -> np.ndarray:
-    values = np.asarray(q.detach().cpu().numpy() if isinstance(q, torch.Tensor) else q).reshape(-1)
-    if not np.issubdtype(values.dtype, np.integer):
-        raise ValueError(f"{name}: values must be integers, got {values.dtype}")
-    if values.size and (values.min() < low or values.max() > high):
-        raise ValueError(f"{name}: values must lie in [{low}, {high}], got [{values.min()}, {values.max()}]")
-    return values.astype(np.int16)
+PACKED_BITS = (4, 6)
 
 
-def pack_int6(q) -> bytes:
-    """Integers in [-32, 31] (any shape, flattened) -> 3 * ceil(n / 4) bytes."""
-    u = (_as_values(q, -32, 31, "pack_int6") + 32).astype(np.uint8)
-    u = np.concatenate([u, np.zeros(-len(u) % 4, np.uint8)]).reshape(-1, 4)     # [groups, 4], zero padded
-    out = np.empty((len(u), 3), np.uint8)
-    out[:, 0] = u[:, 0] | (u[:, 1] << 6)
-    out[:, 1] = (u[:, 1] >> 2) | (u[:, 2] << 4)
-    out[:, 2] = (u[:, 2] >> 4) | (u[:, 3] << 2)
-    return out.tobytes()
+def packed_length(n: int, bits: int) -> int:
+    """Bytes that n values take packed at `bits` bits: 3 per group of four at 6 bits, 1 per pair at 4."""
+    if bits not in PACKED_BITS:
+        raise ValueError(f"bits must be one of {PACKED_BITS} for packing, got {bits!r}")
+    return 3 * -(-n // 4) if bits == 6 else -(-n // 2)
 
 
-def unpack_int6(data: bytes, n: int) -> torch.Tensor:
-    """The first n values packed by `pack_int6`, as int8 [n]."""
-    if n < 0 or len(data) != 3 * -(-n // 4):
-        raise ValueError(f"unpack_int6: {n} values need {3 * -(-max(n, 0) // 4)} bytes, got {len(data)}")
-    b = np.frombuffer(data, np.uint8).reshape(-1, 3).astype(np.uint8)
-    u = np.empty((len(b), 4), np.uint8)
-    u[:, 0] = b[:, 0] & 0x3F
-    u[:, 1] = (b[:, 0] >> 6) | ((b[:, 1] & 0x0F) << 2)
-    u[:, 2] = (b[:, 1] >> 4) | ((b[:, 2] & 0x03) << 4)
-    u[:, 3] = b[:, 2] >> 2
-    return torch.from_numpy(u.reshape(-1)[:n].astype(np.int8) - 32)
+def check_pack_args(q, bits: int) -> tuple[int, int]:
+    """Validate pack_bits' arguments; return (rows, n): q viewed as [rows, n]."""
+    if bits not in PACKED_BITS:
+        raise ValueError(f"pack_bits: bits must be one of {PACKED_BITS}, got {bits!r}")
+    if not isinstance(q, torch.Tensor) or q.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):
+        raise ValueError(f"pack_bits: values must be an integer tensor [..., n], got "
+                         f"{getattr(q, 'dtype', type(q).__name__)}")
+    if q.dim() < 1:
+        raise ValueError("pack_bits: values must have at least one dimension [..., n]")
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if q.numel() and (int(q.min()) < low or int(q.max()) > high):
+        raise ValueError(f"pack_bits: {bits}-bit values must lie in [{low}, {high}], "
+                         f"got [{int(q.min())}, {int(q.max())}]")
+    n = q.shape[-1]
+    return (q.numel() // n if n else 0), n
 
 
-def pack_int4(q) -> bytes:
-    """Integers in [-8, 7] (any shape, flattened) -> ceil(n / 2) bytes."""
-    u = (_as_values(q, -8, 7, "pack_int4") + 8).astype(np.uint8)
-    u = np.concatenate([u, np.zeros(len(u) % 2, np.uint8)]).reshape(-1, 2)
-    return (u[:, 0] | (u[:, 1] << 4)).astype(np.uint8).tobytes()
+def check_unpack_args(packed, n: int, bits: int) -> int:
+    """Validate unpack_bits' arguments; return rows: packed viewed as [rows, packed_length(n, bits)]."""
+    if bits not in PACKED_BITS:
+        raise ValueError(f"unpack_bits: bits must be one of {PACKED_BITS}, got {bits!r}")
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() < 1:
+        raise ValueError(f"unpack_bits: packed must be a uint8 tensor [..., bytes], got "
+                         f"{getattr(packed, 'dtype', type(packed).__name__)} {list(getattr(packed, 'shape', []))}")
+    if not isinstance(n, int) or n < 0 or packed.shape[-1] != packed_length(n, bits):
+        raise ValueError(f"unpack_bits: {n} values at {bits} bits need {packed_length(max(int(n), 0), bits)} "
+                         f"bytes per row, got {packed.shape[-1]}")
+    return packed.numel() // packed.shape[-1] if packed.shape[-1] else 0
 
 
-def unpack_int4(data: bytes, n: int) -> torch.Tensor:
-    """The first n values packed by `pack_int4`, as int8 [n]."""
-    if n < 0 or len(data) != -(-n // 2):
-        raise ValueError(f"unpack_int4: {n} values need {-(-max(n, 0) // 2)} bytes, got {len(data)}")
-    b = np.frombuffer(data, np.uint8)
-    u = np.stack([b & 0x0F, b >> 4], axis=1).reshape(-1)
-    return torch.from_numpy(u[:n].astype(np.int8) - 8)
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integers [..., n] in [-2^(bits-1), 2^(bits-1) - 1] -> uint8 [..., packed_length(n, bits)].
+
+    Each row (the last dimension) is packed on its own and zero padded to whole groups, so a
+    packed matrix keeps its rows apart (a kernel can dequantise row r without reading row r - 1).
+    """
+    check_pack_args(q, bits)
+    group = 4 if bits == 6 else 2                                                  # values per group
+    u = (q.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)                      # offset to [0, 2^bits)
+    u = torch.nn.functional.pad(u, (0, -q.shape[-1] % group)).unflatten(-1, (-1, group))  # [..., groups, group]
+    if bits == 4:
+        return u[..., 0] | (u[..., 1] << 4)                                        # [..., groups]
+    out = torch.stack([u[..., 0] | (u[..., 1] << 6),
+                       (u[..., 1] >> 2) | (u[..., 2] << 4),
+                       (u[..., 2] >> 4) | (u[..., 3] << 2)], dim=-1)               # [..., groups, 3]
+    return out.flatten(-2)
+
+
+def unpack_bits(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """uint8 [..., packed_length(n, bits)] from `pack_bits` -> int8 [..., n]."""
+    check_unpack_args(packed, n, bits)
+    if bits == 4:
+        u = torch.stack([packed & 0x0F, packed >> 4], dim=-1)                       # [..., bytes, 2]
+    else:
+        b = packed.unflatten(-1, (-1, 3))                                           # [..., groups, 3]
+        u = torch.stack([b[..., 0] & 0x3F,
+                         (b[..., 0] >> 6) | ((b[..., 1] & 0x0F) << 2),
+                         (b[..., 1] >> 4) | ((b[..., 2] & 0x03) << 4),
+                         b[..., 2] >> 2], dim=-1)                                   # [..., groups, 4]
+    u = u.flatten(-2)[..., :n]
+    return (u.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
+
+
+def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """A packed per-row quantised matrix back to float32: packed uint8 [R, packed_length(n, bits)],
+    scale [R] -> [R, n] (unpack, then multiply row r by scale[r]). The op a model loading the
+    artifact runs once per weight; kernels fuse the two steps."""
+    rows = check_unpack_args(packed, n, bits)
+    if packed.dim() != 2 or not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (rows,):
+        raise ValueError(f"dequantize_packed: need packed [R, bytes] and scale [R], got "
+                         f"{list(packed.shape)} and {list(getattr(scale, 'shape', []))}")
+    return unpack_bits(packed, n, bits).float() * scale.float()[:, None]
