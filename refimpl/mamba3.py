@@ -64,7 +64,10 @@ index). With Dm = H:
     Bm[b, t, d, 0, :] = B_s6[b, t, :]      Cm[b, t, d, 0, :] = C_s6[b, t, :]   D = D_s6
     h[b, d, 0, :] = h_s6[b, d, :]          and then y[b, t, d, 0, 0] = y_s6[b, t, d].
 
-Does not include: a chunked (matrix) form or kernels (the step loop is the ground truth); several
+Two forms: `mamba3_scan_recurrent`, the step loop (the ground truth), and `mamba3_scan_parallel`, one
+masked matrix product per chunk (what training runs; `mamba3_scan` is the op, on chunks of 64 tokens).
+
+Does not include: kernels (kernels/mamba3.py has them); several
 groups of B and C (the layer projects one B and one C for all heads, plus a bias per head, as the
 reference's default ngroups = 1 does); the
 optional gated RMSNorm before the output projection (`is_outproj_norm`); variable-length batches;
@@ -196,9 +199,71 @@ def mamba3_scan_recurrent(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initi
     return y, Mamba3ScanState(h, angle, B_prev, x_prev)
 
 
-def mamba3_scan(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initial_state=None):
-    """The op models call: the step loop. Returns (y [B, T, H, R, P], Mamba3ScanState)."""
-    return mamba3_scan_recurrent(x, dt, A, Bm, Cm, theta, trap, D, initial_state)
+def mamba3_scan_parallel(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initial_state=None):
+    """The same scan as one masked matrix product over the whole call (Mamba-2's "SSD" view, plus the trapezoid).
+
+    Unrolling h_t = alpha_t h_{t-1} + beta_t v_{t-1} + gamma_t v_t, with v_s = sum_r x_s,r B~_s,r^T,
+    L[t, s] = alpha_{s+1} ... alpha_t = exp(c_t - c_s) (c the running sum of dt A), gives
+
+        h_t = exp(c_t) h_0  +  beta_0 L[t, 0] v_{-1}  +  sum_{s <= t} W[t, s] v_s,
+        W[t, s] = gamma_s L[t, s] + beta_{s+1} L[t, s+1]     (the second term only for s < t)
+
+    so y_t,r = h_t C~_t,r needs only the scores C~_t,r . B~_s,q, weighted by W and applied to x_s,q:
+    attention with a decaying, trapezoid-shaped causal mask. v_{-1} is the previous call's last input
+    (the state's B_prev, x_prev). Cost O(T^2) per head: the op runs it on chunks (`mamba3_scan`).
+    Returns what `mamba3_scan_recurrent` returns; tested equal to it.
+    """
+    Bsz, T, H, R, P, N, K = check_mamba3_args(x, dt, A, Bm, Cm, theta, trap, D, initial_state)
+    start = initial_state if initial_state is not None else Mamba3ScanState(None)
+    h0 = start.h if start.h is not None else x.new_zeros(Bsz, H, P, N)                # [B, H, P, N]
+    B_prev = start.B_prev if start.B_prev is not None else x.new_zeros(Bsz, H, R, N)  # [B, H, R, N]
+    x_prev = start.x_prev if start.x_prev is not None else x.new_zeros(Bsz, H, R, P)  # [B, H, R, P]
+    angle = start.angle
+    if theta is not None:
+        angle0 = angle if angle is not None else x.new_zeros(Bsz, H, K)
+        phi = torch.remainder(angle0[:, None] + torch.cumsum(dt[..., None] * theta, dim=1), 2 * math.pi)  # [B, T, H, K]
+        Bm = rotate_pairs(Bm, phi[:, :, :, None, :])                                  # [B, T, H, R, N] B~
+        Cm = rotate_pairs(Cm, phi[:, :, :, None, :])                                  # [B, T, H, R, N] C~
+        angle = phi[:, -1]
+    lam = trap if trap is not None else torch.ones_like(dt)                           # [B, T, H]
+    log_alpha = dt * A                                                                # [B, T, H]
+    c = torch.cumsum(log_alpha, dim=1)                                                # [B, T, H]
+    gamma = lam * dt                                                                  # [B, T, H]
+    beta = (1 - lam) * dt * torch.exp(log_alpha)                                      # [B, T, H]
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()               # [t, s]: s <= t
+    gap = (c[:, :, None] - c[:, None, :]).masked_fill(~causal[None, :, :, None], float("-inf"))
+    L = torch.exp(gap)                                                                # [B, T, T, H], 0 above the diagonal
+    W = gamma[:, None] * L                                                            # [B, T, T, H]
+    W = W + F.pad(beta[:, None, 1:] * L[:, :, 1:], (0, 0, 0, 1))                     # + beta_{s+1} L[t, s+1]
+    w_prev = beta[:, :1] * L[:, :, 0]                                                 # [B, T, H]  beta_0 L[t, 0]
+    w_h0 = torch.exp(c)                                                               # [B, T, H]
+    scores = torch.einsum("bthrn,bshqn->btshrq", Cm, Bm) * W[..., None, None]         # [B, T, T, H, R, R]
+    y = torch.einsum("btshrq,bshqp->bthrp", scores, x)                                # [B, T, H, R, P]
+    y = y + torch.einsum("bthrn,bhqn,bhqp->bthrp", Cm, B_prev, x_prev) * w_prev[..., None, None]
+    y = y + torch.einsum("bhpn,bthrn->bthrp", h0, Cm) * w_h0[..., None, None]
+    h = (w_h0[:, -1, :, None, None] * h0
+         + torch.einsum("bsh,bshqp,bshqn->bhpn", W[:, -1], x, Bm)
+         + w_prev[:, -1, :, None, None] * torch.einsum("bhqp,bhqn->bhpn", x_prev, B_prev))  # [B, H, P, N]
+    if D is not None:
+        y = y + D[:, None, None] * x
+    return y, Mamba3ScanState(h, angle, Bm[:, -1], x[:, -1])
+
+
+def mamba3_scan(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initial_state=None, chunk_size: int = 64):
+    """The op models call: `mamba3_scan_parallel` on chunks of `chunk_size` tokens, the state carried
+    from chunk to chunk (so memory grows linearly in T, not quadratically). Kernels replace it.
+    Returns (y [B, T, H, R, P], Mamba3ScanState)."""
+    T = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 5 else 0
+    if T <= chunk_size:
+        return mamba3_scan_parallel(x, dt, A, Bm, Cm, theta, trap, D, initial_state)
+    ys, state = [], initial_state
+    for lo in range(0, T, chunk_size):
+        part = slice(lo, lo + chunk_size)
+        y, state = mamba3_scan_parallel(x[:, part], dt[:, part], A[:, part], Bm[:, part], Cm[:, part],
+                                        theta[:, part] if theta is not None else None,
+                                        trap[:, part] if trap is not None else None, D, state)
+        ys.append(y)
+    return torch.cat(ys, dim=1), state
 
 
 class Mamba3State:

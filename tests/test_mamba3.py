@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.check import assert_close, parameters_without_gradient, random_tensor
-from refimpl.mamba3 import Mamba3Layer, Mamba3ScanState, Mamba3State, mamba3_scan_recurrent
+from refimpl.mamba3 import (Mamba3Layer, Mamba3ScanState, Mamba3State, mamba3_scan, mamba3_scan_parallel,
+                            mamba3_scan_recurrent)
 from refimpl.ssm import selective_scan_recurrent
 
 
@@ -74,6 +75,42 @@ def test_carried_state_equals_one_run(rotate):
     if rotate:
         y2_no_angle, _ = mamba3_scan_recurrent(*second, D=D, initial_state=state1._replace(angle=None))
         assert not torch.allclose(y2_no_angle, y2)
+
+
+@pytest.mark.parametrize("form", [mamba3_scan_parallel, mamba3_scan], ids=["parallel", "chunked"])
+@pytest.mark.parametrize("variant", ["full", "euler-real", "fresh-start"])
+def test_matrix_forms_equal_the_step_loop(form, variant):
+    """The masked-matrix form (whole call, and on chunks of 64 carrying the state) equals the step loop."""
+    x, dt, A, Bm, Cm, theta, trap, D = _inputs(T=150, seed=3)
+    g = torch.Generator().manual_seed(4)
+    start = Mamba3ScanState(random_tensor((2, 3, 4, 6), torch.float64, generator=g),
+                            2 * math.pi * torch.rand(2, 3, 3, generator=g, dtype=torch.float64),
+                            random_tensor((2, 3, 2, 6), torch.float64, generator=g),
+                            random_tensor((2, 3, 2, 4), torch.float64, generator=g))
+    args = {"full": (x, dt, A, Bm, Cm, theta, trap, D, start),
+            "euler-real": (x, dt, A, Bm, Cm, None, None, None, start._replace(angle=None)),
+            "fresh-start": (x, dt, A, Bm, Cm, theta, trap, D, None)}[variant]
+    y_loop, state_loop = mamba3_scan_recurrent(*args)
+    y, state = form(*args)
+    assert_close(y, y_loop, f"{variant}: y")
+    for name in Mamba3ScanState._fields:
+        if getattr(state_loop, name) is None:
+            assert getattr(state, name) is None
+        else:
+            assert_close(getattr(state, name), getattr(state_loop, name), f"{variant}: {name}")
+
+
+def test_matrix_form_gradients_equal_the_step_loop():
+    x, dt, A, Bm, Cm, theta, trap, D = (t.requires_grad_() for t in _inputs(T=21, seed=5))
+    grads = []
+    for form in (mamba3_scan_recurrent, mamba3_scan_parallel):
+        y, state = form(x, dt, A, Bm, Cm, theta, trap, D)
+        (y.sin().sum() + state.h.square().sum()).backward()
+        grads.append([t.grad.clone() for t in (x, dt, A, Bm, Cm, theta, trap, D)])
+        for t in (x, dt, A, Bm, Cm, theta, trap, D):
+            t.grad = None
+    for name, g_loop, g_matrix in zip("x dt A B C theta trap D".split(), *grads):
+        assert_close(g_matrix, g_loop, f"d/d{name}")
 
 
 def test_rotations_equal_a_complex_valued_state():
