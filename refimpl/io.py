@@ -1,11 +1,15 @@
-"""Files the book writes: atomically (temp file + rename), JSON only, never pickle."""
+"""Files the book writes: atomically (temp file + rename), as JSON or as checked tensor files, never pickle."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import lzma
 import os
 import tempfile
 from pathlib import Path
+
+import torch
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -51,3 +55,74 @@ def save_figure_atomically(fig, path: str | os.PathLike, **savefig_kwargs) -> Pa
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", **savefig_kwargs)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+# ----------------------------------------------------------------------------
+# Tensor files: a JSON header, then the raw bytes, checked by SHA-256 (no pickle)
+# ----------------------------------------------------------------------------
+
+TENSOR_FILE_MAGIC = b"BOOKTENSORS\x00"
+_DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
+                                                      torch.int64, torch.int32, torch.int16, torch.int8,
+                                                      torch.uint8, torch.bool)}
+
+
+def tensor_file_bytes(tensors: dict[str, torch.Tensor], meta: dict | None = None, compress: bool = False) -> bytes:
+    """What `write_tensors` writes, as bytes:
+
+        magic (12 bytes) | header length (8 bytes, little-endian) | header (UTF-8 JSON) | payload
+
+    The header lists each tensor's name, dtype, shape and byte range in the payload, the caller's
+    `meta` (any JSON), the payload's SHA-256, and whether the payload is lzma-compressed.
+    """
+    entries, chunks, offset = [], [], 0
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"write_tensors: {name!r} is a {type(t).__name__}, not a tensor")
+        dtype = str(t.dtype).replace("torch.", "")
+        if dtype not in _DTYPES:
+            raise ValueError(f"write_tensors: {name!r} has dtype {dtype}; supported: {sorted(_DTYPES)}")
+        raw = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        entries.append({"name": name, "dtype": dtype, "shape": list(t.shape), "offset": offset, "nbytes": len(raw)})
+        chunks.append(raw)
+        offset += len(raw)
+    payload = b"".join(chunks)
+    if compress:
+        payload = lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME)
+    header = json.dumps({"tensors": entries, "meta": meta or {}, "compressed": "lzma" if compress else None,
+                         "sha256": hashlib.sha256(payload).hexdigest()}, sort_keys=True).encode("utf-8")
+    return TENSOR_FILE_MAGIC + len(header).to_bytes(8, "little") + header + payload
+
+
+def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict | None = None,
+                  compress: bool = False) -> Path:
+    """Atomically write named tensors (and JSON `meta`) to `path`; see `tensor_file_bytes` for the layout."""
+    return atomic_write_bytes(path, tensor_file_bytes(tensors, meta, compress))
+
+
+def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) from a file `write_tensors` wrote. Refuses, with the reason, a file that is not one,
+    is cut short, or whose payload does not match its checksum; nothing in it is executed."""
+    path = Path(path)
+    data = path.read_bytes()
+    n = len(TENSOR_FILE_MAGIC)
+    if data[:n] != TENSOR_FILE_MAGIC:
+        raise ValueError(f"{path} is not a tensor file (it does not start with {TENSOR_FILE_MAGIC!r})")
+    length = int.from_bytes(data[n:n + 8], "little")
+    try:
+        header = json.loads(data[n + 8:n + 8 + length].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: the header is damaged ({err})") from None
+    payload = data[n + 8 + length:]
+    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+        raise ValueError(f"{path}: checksum mismatch; the file is damaged or was cut short")
+    if header.get("compressed") == "lzma":
+        payload = lzma.decompress(payload)
+    tensors = {}
+    for e in header["tensors"]:
+        if e["dtype"] not in _DTYPES or e["offset"] + e["nbytes"] > len(payload):
+            raise ValueError(f"{path}: bad entry for tensor {e.get('name')!r}")
+        raw = bytearray(payload[e["offset"]:e["offset"] + e["nbytes"]])
+        flat = torch.frombuffer(raw, dtype=_DTYPES[e["dtype"]]) if raw else torch.empty(0, dtype=_DTYPES[e["dtype"]])
+        tensors[e["name"]] = flat.reshape(e["shape"])
+    return tensors, header["meta"]

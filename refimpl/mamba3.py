@@ -196,7 +196,7 @@ def mamba3_scan_recurrent(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initi
     y = torch.stack(ys, dim=1)                                                        # [B, T, H, R, P]
     if D is not None:
         y = y + D[:, None, None] * x
-    return y, Mamba3ScanState(h, angle, B_prev, x_prev)
+    return y, Mamba3ScanState(h, angle, B_prev.contiguous(), x_prev.contiguous())
 
 
 def mamba3_scan_parallel(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initial_state=None):
@@ -246,7 +246,10 @@ def mamba3_scan_parallel(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initia
          + w_prev[:, -1, :, None, None] * torch.einsum("bhqp,bhqn->bhpn", x_prev, B_prev))  # [B, H, P, N]
     if D is not None:
         y = y + D[:, None, None] * x
-    return y, Mamba3ScanState(h, angle, Bm[:, -1], x[:, -1])
+    # Contiguous copies, not views into this call's inputs: a state read back from a file is contiguous,
+    # and the next call must compute exactly the same way from either (bit-identical resumption).
+    return y, Mamba3ScanState(h, angle.contiguous() if angle is not None else None,
+                              Bm[:, -1].contiguous(), x[:, -1].contiguous())
 
 
 def mamba3_scan(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initial_state=None, chunk_size: int = 64):
