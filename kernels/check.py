@@ -124,16 +124,20 @@ def example_inputs(size: str = "tiny", device="cpu", seed: int = 0) -> dict:
     cases = {}
     for module in OP_MODULES:
         for case, (args, kwargs) in module.example_inputs(shapes, generator).items():
-            cases[case] = (case.split(" ")[0], _to_device(args, device), kwargs)
+            cases[case] = (case.split(" ")[0], _to_device(args, device), _to_device(kwargs, device))
     return cases
 
 
 def _to_device(value, device):
-    """Tensors moved to `device`, inside tuples and lists too (a state may be a tuple of tensors)."""
+    """Tensors moved to `device`, inside tuples, NamedTuples, lists and dicts too (a state may be a tuple of tensors)."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):                      # a NamedTuple state
+        return type(value)(*(_to_device(v, device) for v in value))
     if isinstance(value, (tuple, list)):
         return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
     return value
 
 

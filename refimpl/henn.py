@@ -21,7 +21,8 @@ Mamba-3, window, carried state, INT6 or SWA. This module builds each of them:
     WeightAverage               stochastic weight averaging (Izmailov et al. 2018, arXiv:1803.05407)
     unigram_output_bias, bigram_embeddings    initialisation from the training bytes
     write_artifact / read_artifact / artifact_budget    the quantised model file and its size
-    associative_recall_batch    the retrieval task behind the "SSM + SWA" claim
+    quantization_aware          training steps taken at the rounded weights (straight-through estimator)
+    associative_recall_batch, recall_loss    the retrieval task behind the "SSM + SWA" claim
 
 Glossary: B batch, T tokens, C width, V vocabulary, L layers, tick = tokens per truncated-BPTT step.
 
@@ -459,6 +460,31 @@ def _quantised_tensors(model: nn.Module, bits: int, packed: bool) -> dict[str, t
     return tensors
 
 
+def quantization_aware(forward_backward, bits: int):
+    """Wrap a `forward_backward(model, x, y) -> loss` so it runs with every quantizable weight rounded to
+    `bits` (per row, as the artifact will) and then puts the float weights back: the gradient is taken at
+    the rounded weights and applied to the float ones, the straight-through estimator
+    (`quant.fake_quantize` does the same thing inside autograd). Training this way learns weights
+    that survive the rounding."""
+    quant.quantize_per_row(torch.zeros(1, 1), bits)                                # refuses bad bits up front
+
+    def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        floats = {}
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if quantizable(name, p):
+                    floats[name] = p.detach().clone()
+                    p.copy_(quant.fake_quantize(p, bits))
+        try:
+            return forward_backward(model, x, y)
+        finally:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in floats:
+                        p.copy_(floats[name])
+    return step
+
+
 def code_bytes(root: str | Path | None = None) -> int:
     """Bytes of the source files the artifact needs to run (counted raw, as the challenge counts code)."""
     root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
@@ -552,3 +578,11 @@ def associative_recall_batch(batch_size: int, n_pairs: int, n_queries: int, gene
         masks.append(mask)
     seq = torch.stack(rows)                                                       # [B, S]
     return seq[:, :-1], seq[:, 1:], torch.stack(masks)[:, 1:]
+
+
+def recall_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(cross-entropy on the answers only, the share of answers the model's top guess gets right)."""
+    logits, _ = model(x)
+    answers = logits[mask]                                                        # [n_answers, V]
+    loss = F.cross_entropy(answers.float(), y[mask])
+    return loss, (answers.argmax(dim=-1) == y[mask]).float().mean().item()

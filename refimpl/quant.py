@@ -25,6 +25,8 @@ with the standard library's lzma), or per-group scales.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 BITS = (4, 6, 8)
@@ -89,8 +91,7 @@ def check_pack_args(q, bits: int) -> tuple[int, int]:
     if q.numel() and (int(q.min()) < low or int(q.max()) > high):
         raise ValueError(f"pack_bits: {bits}-bit values must lie in [{low}, {high}], "
                          f"got [{int(q.min())}, {int(q.max())}]")
-    n = q.shape[-1]
-    return (q.numel() // n if n else 0), n
+    return math.prod(q.shape[:-1]), q.shape[-1]
 
 
 def check_unpack_args(packed, n: int, bits: int) -> int:
@@ -100,10 +101,10 @@ def check_unpack_args(packed, n: int, bits: int) -> int:
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() < 1:
         raise ValueError(f"unpack_bits: packed must be a uint8 tensor [..., bytes], got "
                          f"{getattr(packed, 'dtype', type(packed).__name__)} {list(getattr(packed, 'shape', []))}")
-    if not isinstance(n, int) or n < 0 or packed.shape[-1] != packed_length(n, bits):
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0 or packed.shape[-1] != packed_length(n, bits):
         raise ValueError(f"unpack_bits: {n} values at {bits} bits need {packed_length(max(int(n), 0), bits)} "
                          f"bytes per row, got {packed.shape[-1]}")
-    return packed.numel() // packed.shape[-1] if packed.shape[-1] else 0
+    return math.prod(packed.shape[:-1])
 
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -99,9 +99,23 @@ def bits_per_byte(model: torch.nn.Module, data: torch.Tensor, seq_len: int, batc
     return total_bits / total_bytes
 
 
+def _forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The usual step: one forward over the whole batch, one backward. Returns the loss (nats per token)."""
+    _, loss = model(x, y)
+    if torch.isfinite(loss):
+        loss.backward()
+    return loss.item()
+
+
 def train(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, progress: bool = True,
-          description: str = "train") -> History:
-    """Train `model` on `corpus.train`, evaluating bits per byte on `corpus.val` as it goes."""
+          description: str = "train", forward_backward=None, after_step=None) -> History:
+    """Train `model` on `corpus.train`, evaluating bits per byte on `corpus.val` as it goes.
+
+    forward_backward(model, x, y) -> loss (float, nats per token) computes the gradients of one batch;
+    the default is one forward and one backward (chapter 02 passes its tick-by-tick version).
+    after_step(step, model), if given, runs after every optimiser step (chapter 02 averages weights there).
+    """
+    forward_backward = forward_backward or _forward_backward
     generator = torch.Generator().manual_seed(cfg.seed)
     device = _device_of(model)
     optimizer = make_optimizer(model, cfg)
@@ -113,15 +127,16 @@ def train(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, progress
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         x, y = random_batch(corpus.train, cfg.batch_size, cfg.seq_len, generator)
-        _, loss = model(x.to(device), y.to(device))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = forward_backward(model, x.to(device), y.to(device))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {step}; lower the learning rate")
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        if after_step is not None:
+            after_step(step, model)
         history.step.append(step)
-        history.train_bpb.append(loss.item() / math.log(2))
+        history.train_bpb.append(loss / math.log(2))
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             val = bits_per_byte(model, corpus.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
             history.eval_step.append(step + 1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from refimpl import henn, quant
-from refimpl.henn import (HENNConfig, HENNLM, SavedTensorMeter, WeightAverage, artifact_budget,
+from refimpl.henn import (HENNConfig, HENNLM, SavedTensorMeter, WeightAverage, artifact_budget, quantization_aware,
                           associative_recall_batch, bigram_embeddings, henn_parameter_count, load_states,
                           read_artifact, save_states, tick_backward, unigram_output_bias, write_artifact)
 from refimpl.io import tensor_file_bytes
@@ -193,6 +193,29 @@ def test_budget_counts_the_payload_exactly():
         payload = sum(t.numel() * t.element_size() for t in tensors.values())
         assert artifact_budget(model.cfg, bits)["payload_bytes"] == payload
         assert len(tensor_file_bytes(tensors)) > payload                            # plus the header
+
+
+def test_quantization_aware_step_takes_the_gradient_at_the_rounded_weights():
+    model = _model()
+    x, y = _tokens(2, 16), _tokens(2, 16, 1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rounded = _model()
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if henn.quantizable(name, p):
+                p.copy_(quant.fake_quantize(p, 4))
+    rounded(x, y)[1].backward()
+
+    def plain(m, x, y):
+        _, loss = m(x, y)
+        loss.backward()
+        return loss.item()
+
+    loss = quantization_aware(plain, 4)(model, x, y)
+    assert math.isclose(loss, rounded(x, y)[1].item(), rel_tol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), rounded.parameters()):
+        assert torch.equal(p, before[name]), f"{name}: the float weights must come back"
+        assert torch.allclose(p.grad, q.grad, atol=1e-7), f"{name}: gradient at the rounded weights"
 
 
 def test_associative_recall_batch():

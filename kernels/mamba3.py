@@ -1,0 +1,367 @@
+"""Mamba-3 scan kernels: the recurrent forward (trapezoidal step, rotating state, MIMO), state in and out.
+
+Reference: `refimpl.mamba3.mamba3_scan` (ground truth: `mamba3_scan_recurrent`).
+    x [B, T, H, R, P], dt, A [B, T, H], Bm, Cm [B, T, H, R, N], theta [B, T, H, K] or None,
+    trap [B, T, H] or None, D [H] or None, initial_state Mamba3ScanState or None
+    -> y [B, T, H, R, P], Mamba3ScanState(h [B, H, P, N], angle [B, H, K] (theta None: the initial
+       angle passed through, or None), B_prev [B, H, R, N], x_prev [B, H, R, P])
+Per (b, h) pair and token, with alpha = exp(dt A), beta = (1 - lambda) dt alpha, gamma = lambda dt:
+
+    phi     = (phi + dt theta) mod 2 pi                     K angles
+    B~_r    = Rot(phi) B_r,   C~_r = Rot(phi) C_r           pairs (2k, 2k+1) turned by phi[k]
+    h[p, n] = alpha h[p, n] + beta sum_r x_prev[r, p] B~_prev[r, n] + gamma sum_r x[r, p] B~[r, n]
+    y[r, p] = sum_n h[p, n] C~_r[n] + D x[r, p]
+    B~_prev, x_prev = B~, x                                 (what the next token's trapezoid needs)
+
+The observation every version here uses: given the scalars dt, A, lambda and the rotated B~, C~
+of the pair, row p of the state (its N values h[p, :]) evolves on its own; it needs only its own
+inputs x[r, p] (now and one token back). The rotation (phi, B~, C~) depends on no row, so a worker
+that owns a row can recompute it itself. So B * H * P workers walk through time with no
+communication at all, each doing per token about 3 R N multiply-adds (the two rank-R sums and
+the read) plus the rotation of R rows of B and C (4 R K multiply-adds, and K cos/sin).
+
+The ladder
+    numba       a CPU thread per (b, h) pair (prange over B * H): the angles, B~ and C~ once per
+                token into per-thread arrays (np.empty), then the P rows of the state one after
+                another, updated in place in the output h [P, N]. (A CPU has few threads, so
+                sharing the rotation across the P rows is worth more than more parallelism.)
+    numba_cuda  v1 (registered): one GPU thread per state row (b, h, p). Each thread keeps, in
+                thread-local arrays (local memory), its N state values, its own running angles
+                phi (K), the previous token's rotated B~ (R x N) and its own x_prev[r, p] (R);
+                it rotates B and C on the fly, so the rotation is recomputed by every thread of
+                the pair (P times redundant). Neighbouring threads are neighbouring p, so reads
+                of x and writes of y coalesce. The p == 0 thread writes the final angle and
+                B_prev of its pair; the starting ones are separate read-only inputs (a thread
+                of the pair in a later block may not have read them yet).
+    cupy        mamba3.cu, mamba3_scan_row_per_thread: the same in CUDA C.
+Faster rungs (one block per (b, h) pair computing phi, cos/sin, B~_t and C~_t once per token into
+shared memory for its P threads; rank-R updates on tensor cores; the chunked matrix form) are the
+GPU issue's work. The CUDA versions need compile-time array bounds: N <= MAX_STATE_DIM and
+R <= MAX_RANK (so R N <= 256 values of B~_prev per thread); bigger sizes are refused with a
+ValueError. The numba CPU version has no bound.
+
+The angle is kept in [0, 2 pi) as the reference keeps it, with torch.remainder's rule:
+r = fmod(a, 2 pi), plus 2 pi when r < 0 (fmod is exact, so this matches bit for bit given the
+same sum a; an r within rounding below 0 becomes exactly 2 pi in float, as in the reference).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+from numba import cuda
+
+from kernels.registry import register
+from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
+                             forward_only, new_output, numba_cuda_stream, numba_cuda_view, numpy_view,
+                             threads_per_block)
+from refimpl import mamba3
+
+register("mamba3_scan", "reference")(mamba3.mamba3_scan)
+
+MAX_STATE_DIM = 64                          # N: length of the per-thread state row in the CUDA versions
+MAX_RANK = 4                                # R: MIMO rank; each CUDA thread holds R * N <= 256 values of B~_prev
+MAX_ANGLES = MAX_STATE_DIM // 2             # K <= N / 2
+MAX_PREVIOUS_B = MAX_RANK * MAX_STATE_DIM   # R * N (a named constant: numba needs a literal array size)
+
+
+def _prepare(x, dt, A, Bm, Cm, theta, trap, D, initial_state, backend, dtypes):
+    """Check the arguments; fill in what is None; allocate the outputs. Returns
+    (sizes, kernel inputs, outputs) where the kernel inputs are
+        theta [B, T, H, max(K, 1)] (zeros when None: K = 0 turns nothing), trap (ones when None),
+        D (zeros when None), angle0 [B, H, max(K, 1)], B_prev0 [B, H, R, N], x_prev0 [B, H, R, P]
+        (the starting values, read only; zeros when None)
+    and the outputs are y, h [B, H, P, N] (filled with the starting h, updated in place),
+    angle [B, H, max(K, 1)], B_prev, x_prev (written by the kernel)."""
+    Bsz, T, H, R, P, N, K = mamba3.check_mamba3_args(x, dt, A, Bm, Cm, theta, trap, D, initial_state)
+    if backend != "numba" and N > MAX_STATE_DIM:
+        raise ValueError(f"mamba3_scan: {backend} kernels support state size N <= {MAX_STATE_DIM}, got {N}")
+    if backend != "numba" and R > MAX_RANK:
+        raise ValueError(f"mamba3_scan: {backend} kernels support MIMO rank R <= {MAX_RANK}, got {R}")
+    start = initial_state if initial_state is not None else mamba3.Mamba3ScanState(None)
+    tensors = {"x": x, "dt": dt, "A": A, "B": Bm, "C": Cm, "theta": theta, "trap": trap, "D": D,
+               "initial_state.h": start.h, "initial_state.B_prev": start.B_prev,
+               "initial_state.x_prev": start.x_prev}
+    if theta is not None:                      # without rotation the angle is passed through untouched
+        tensors["initial_state.angle"] = start.angle
+    tensors = {name: t for name, t in tensors.items() if t is not None}
+    expect_dtype("mamba3_scan", "x", x, dtypes)
+    for name, t in tensors.items():            # one dtype for all: the kernels read every array as x's type
+        expect_dtype("mamba3_scan", name, t, (x.dtype,))
+    expect_device("mamba3_scan", backend, tensors)
+    forward_only("mamba3_scan", *tensors.values())
+
+    zeros = lambda *shape: torch.zeros(shape, dtype=x.dtype, device=x.device)  # noqa: E731
+    K1 = max(K, 1)                             # K = 0 still gets a one-wide (unread) array: no empty arrays
+    inputs = {
+        "theta": theta if theta is not None else zeros(Bsz, T, H, 1),
+        "trap": trap if trap is not None else torch.ones(Bsz, T, H, dtype=x.dtype, device=x.device),
+        "D": D if D is not None else zeros(H),   # no skip = a skip weight of 0 (adds an exact 0)
+        "angle0": start.angle if theta is not None and start.angle is not None else zeros(Bsz, H, K1),
+        "B_prev0": start.B_prev if start.B_prev is not None else zeros(Bsz, H, R, N),
+        "x_prev0": start.x_prev if start.x_prev is not None else zeros(Bsz, H, R, P),
+    }
+    h = new_output((Bsz, H, P, N), x.dtype, x.device)   # each row has one owner: updated in place
+    if start.h is None:
+        h.zero_()
+    else:
+        h.copy_(start.h)
+    outputs = {"y": new_output((Bsz, T, H, R, P), x.dtype, x.device), "h": h,
+               "angle": new_output((Bsz, H, K1), x.dtype, x.device),
+               "B_prev": new_output((Bsz, H, R, N), x.dtype, x.device),
+               "x_prev": new_output((Bsz, H, R, P), x.dtype, x.device)}
+    return (Bsz, T, H, R, P, N, K), inputs, outputs
+
+
+def _result(outputs, K, initial_state):
+    """(y, Mamba3ScanState) as the reference returns it: without rotation (K = 0) the angle is the
+    initial state's angle, passed through (or None)."""
+    if K > 0:
+        angle = outputs["angle"]
+    else:
+        angle = initial_state.angle if initial_state is not None else None
+    return outputs["y"], mamba3.Mamba3ScanState(outputs["h"], angle, outputs["B_prev"], outputs["x_prev"])
+
+
+# ---------------------------------------------------------------- numba (CPU)
+
+@numba.njit(parallel=True, fastmath=NUMBA_FASTMATH, cache=True)
+def _mamba3_scan_cpu(x, dt, A, Bm, Cm, theta, trap, D, angle0, B_prev0, x_prev0, K, y, h, angle, B_prev, x_prev):
+    Bsz, T, H, R, P = x.shape
+    N = Bm.shape[4]
+    zero, one = x.dtype.type(0.0), x.dtype.type(1.0)        # accumulate in the inputs' precision
+    two_pi = x.dtype.type(2.0 * math.pi)                    # as the reference's 2 pi, rounded to the dtype
+    for pair in numba.prange(Bsz * H):
+        b, hd = pair // H, pair % H
+        state = h[b, hd]                                    # [P, N], updated in place
+        phi, B_before, x_before = angle[b, hd], B_prev[b, hd], x_prev[b, hd]   # [K], [R, N], [R, P]: the
+        phi[:] = angle0[b, hd]                              # outputs, started from the initial values
+        B_before[:] = B_prev0[b, hd]
+        x_before[:] = x_prev0[b, hd]
+        B_now = np.empty((R, N), dtype=x.dtype)             # B~_t and C~_t of this token
+        C_now = np.empty((R, N), dtype=x.dtype)
+        skip = D[hd]
+        for t in range(T):
+            step = dt[b, t, hd]
+            alpha = x.dtype.type(math.exp(step * A[b, t, hd]))
+            lam = trap[b, t, hd]
+            beta = (one - lam) * step * alpha               # weight of the previous token's input
+            gamma = lam * step                              # weight of this token's input
+            for r in range(R):
+                for n in range(N):
+                    B_now[r, n] = Bm[b, t, hd, r, n]
+                    C_now[r, n] = Cm[b, t, hd, r, n]
+            for k in range(K):                              # turn pair k by the running angle phi[k]
+                a = phi[k] + step * theta[b, t, hd, k]
+                a = x.dtype.type(np.fmod(a, two_pi))        # torch.remainder: fmod, then into [0, 2 pi)
+                if a < 0:
+                    a += two_pi
+                phi[k] = a
+                c, s = x.dtype.type(math.cos(a)), x.dtype.type(math.sin(a))
+                for r in range(R):
+                    re, im = B_now[r, 2 * k], B_now[r, 2 * k + 1]
+                    B_now[r, 2 * k], B_now[r, 2 * k + 1] = re * c - im * s, re * s + im * c
+                    re, im = C_now[r, 2 * k], C_now[r, 2 * k + 1]
+                    C_now[r, 2 * k], C_now[r, 2 * k + 1] = re * c - im * s, re * s + im * c
+            for p in range(P):                              # the P rows of the state, one after another
+                row = state[p]
+                for n in range(N):
+                    now, before = zero, zero
+                    for r in range(R):
+                        now += x[b, t, hd, r, p] * B_now[r, n]
+                        before += x_before[r, p] * B_before[r, n]
+                    row[n] = alpha * row[n] + beta * before + gamma * now
+                for r in range(R):
+                    read = zero
+                    for n in range(N):
+                        read += row[n] * C_now[r, n]
+                    y[b, t, hd, r, p] = read + skip * x[b, t, hd, r, p]
+            for r in range(R):                              # this token becomes the previous one
+                for n in range(N):
+                    B_before[r, n] = B_now[r, n]
+                for p in range(P):
+                    x_before[r, p] = x[b, t, hd, r, p]
+
+
+@register("mamba3_scan", "numba")
+def mamba3_scan_numba(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initial_state=None):
+    """numba CPU Mamba-3 scan, float32/float64 CPU tensors. Returns (y [B, T, H, R, P], Mamba3ScanState)."""
+    (_, _, _, _, _, _, K), inputs, outputs = _prepare(x, dt, A, Bm, Cm, theta, trap, D, initial_state, "numba",
+                                                      (torch.float32, torch.float64))
+    i, o = inputs, outputs
+    _mamba3_scan_cpu(numpy_view(x), numpy_view(dt), numpy_view(A), numpy_view(Bm), numpy_view(Cm),
+                     numpy_view(i["theta"]), numpy_view(i["trap"]), numpy_view(i["D"]), numpy_view(i["angle0"]),
+                     numpy_view(i["B_prev0"]), numpy_view(i["x_prev0"]), K,
+                     numpy_view(o["y"]), numpy_view(o["h"]), numpy_view(o["angle"]), numpy_view(o["B_prev"]),
+                     numpy_view(o["x_prev"]))
+    return _result(outputs, K, initial_state)
+
+
+# ---------------------------------------------------------------- numba CUDA
+
+@cuda.jit
+def _mamba3_scan_v1_row_per_thread(x, dt, A, Bm, Cm, theta, trap, D, angle0, B_prev0, x_prev0, K,
+                                   y, h, angle, B_prev, x_prev):
+    Bsz, T, H, R, P = x.shape
+    N = Bm.shape[4]
+    row = cuda.grid(1)
+    if row >= Bsz * H * P:
+        return
+    b, hd, p = row // (H * P), (row // P) % H, row % P
+    two_pi = numba.float32(2.0 * math.pi)
+    state = cuda.local.array(MAX_STATE_DIM, numba.float32)            # this thread's row h[p, :]
+    phi = cuda.local.array(MAX_ANGLES, numba.float32)                  # the pair's running angles
+    cos_phi = cuda.local.array(MAX_ANGLES, numba.float32)
+    sin_phi = cuda.local.array(MAX_ANGLES, numba.float32)
+    B_before = cuda.local.array(MAX_PREVIOUS_B, numba.float32)        # B~_{t-1}, [R, N] flattened
+    x_before = cuda.local.array(MAX_RANK, numba.float32)               # x_{t-1}[r, p]
+    x_now = cuda.local.array(MAX_RANK, numba.float32)                  # x_t[r, p]
+    for n in range(N):
+        state[n] = h[b, hd, p, n]
+    for k in range(K):
+        phi[k] = angle0[b, hd, k]
+    for r in range(R):
+        x_before[r] = x_prev0[b, hd, r, p]
+        for n in range(N):
+            B_before[r * N + n] = B_prev0[b, hd, r, n]
+    skip = D[hd]
+    for t in range(T):
+        step = dt[b, t, hd]
+        alpha = math.exp(step * A[b, t, hd])
+        lam = trap[b, t, hd]
+        beta = (numba.float32(1.0) - lam) * step * alpha
+        gamma = lam * step
+        for k in range(K):
+            a = math.fmod(phi[k] + step * theta[b, t, hd, k], two_pi)     # torch.remainder: fmod, then
+            if a < 0:                                                      # into [0, 2 pi)
+                a += two_pi
+            phi[k] = a
+            cos_phi[k] = math.cos(a)
+            sin_phi[k] = math.sin(a)
+        for r in range(R):
+            x_now[r] = x[b, t, hd, r, p]
+        for n in range(N):
+            now = numba.float32(0.0)
+            before = numba.float32(0.0)
+            for r in range(R):
+                # B~_t[r, n], rotated here (every thread of the pair repeats this: see the docstring)
+                if n < 2 * K:
+                    k, first = n // 2, n - n % 2
+                    re, im = Bm[b, t, hd, r, first], Bm[b, t, hd, r, first + 1]
+                    if n % 2 == 0:
+                        turned = re * cos_phi[k] - im * sin_phi[k]
+                    else:
+                        turned = re * sin_phi[k] + im * cos_phi[k]
+                else:
+                    turned = Bm[b, t, hd, r, n]
+                now += x_now[r] * turned
+                before += x_before[r] * B_before[r * N + n]
+                B_before[r * N + n] = turned                               # read above, then replaced
+            state[n] = alpha * state[n] + beta * before + gamma * now
+        for r in range(R):
+            read = numba.float32(0.0)
+            for n in range(N):
+                if n < 2 * K:                                              # C~_t[r, n], rotated the same way
+                    k, first = n // 2, n - n % 2
+                    re, im = Cm[b, t, hd, r, first], Cm[b, t, hd, r, first + 1]
+                    if n % 2 == 0:
+                        turned = re * cos_phi[k] - im * sin_phi[k]
+                    else:
+                        turned = re * sin_phi[k] + im * cos_phi[k]
+                else:
+                    turned = Cm[b, t, hd, r, n]
+                read += state[n] * turned
+            y[b, t, hd, r, p] = read + skip * x_now[r]
+            x_before[r] = x_now[r]
+    for n in range(N):
+        h[b, hd, p, n] = state[n]
+    for r in range(R):
+        x_prev[b, hd, r, p] = x_before[r]
+    if p == 0:                                                             # every thread of the pair holds
+        for k in range(K):                                                 # the same angles and B~
+            angle[b, hd, k] = phi[k]
+        for r in range(R):
+            for n in range(N):
+                B_prev[b, hd, r, n] = B_before[r * N + n]
+
+
+@register("mamba3_scan", "numba_cuda")
+def mamba3_scan_numba_cuda(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initial_state=None):
+    """numba CUDA Mamba-3 scan (v1: a thread per state row), float32. Returns (y [B, T, H, R, P], Mamba3ScanState)."""
+    (Bsz, T, H, R, P, N, K), inputs, outputs = _prepare(x, dt, A, Bm, Cm, theta, trap, D, initial_state,
+                                                        "numba_cuda", (torch.float32,))
+    i, o = inputs, outputs
+    threads, rows = threads_per_block(), Bsz * H * P
+    _mamba3_scan_v1_row_per_thread[(rows + threads - 1) // threads, threads, numba_cuda_stream()](
+        numba_cuda_view(x), numba_cuda_view(dt), numba_cuda_view(A), numba_cuda_view(Bm), numba_cuda_view(Cm),
+        numba_cuda_view(i["theta"]), numba_cuda_view(i["trap"]), numba_cuda_view(i["D"]),
+        numba_cuda_view(i["angle0"]), numba_cuda_view(i["B_prev0"]), numba_cuda_view(i["x_prev0"]), K,
+        numba_cuda_view(o["y"]), numba_cuda_view(o["h"]), numba_cuda_view(o["angle"]), numba_cuda_view(o["B_prev"]),
+        numba_cuda_view(o["x_prev"]))
+    return _result(outputs, K, initial_state)
+
+
+# ---------------------------------------------------------------- CuPy raw CUDA
+
+CU_SOURCE = Path(__file__).with_name("mamba3.cu")
+CUPY_ENTRY_POINTS = ("mamba3_scan_row_per_thread",)  # the kernels this file launches
+
+
+@register("mamba3_scan", "cupy")
+def mamba3_scan_cupy(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initial_state=None):
+    """CuPy Mamba-3 scan (a thread per state row), float32 CUDA. Returns (y [B, T, H, R, P], Mamba3ScanState)."""
+    (Bsz, T, H, R, P, N, K), inputs, outputs = _prepare(x, dt, A, Bm, Cm, theta, trap, D, initial_state,
+                                                        "cupy", (torch.float32,))
+    i, o = inputs, outputs
+    rows, threads = Bsz * H * P, 128                         # any block size works: threads never cooperate
+    with cupy_stream():
+        cupy_module(CU_SOURCE).get_function("mamba3_scan_row_per_thread")(
+            ((rows + threads - 1) // threads,), (threads,),
+            (cupy_view(x), cupy_view(dt), cupy_view(A), cupy_view(Bm), cupy_view(Cm), cupy_view(i["theta"]),
+             cupy_view(i["trap"]), cupy_view(i["D"]), cupy_view(i["angle0"]), cupy_view(i["B_prev0"]),
+             cupy_view(i["x_prev0"]), cupy_view(o["y"]), cupy_view(o["h"]), cupy_view(o["angle"]),
+             cupy_view(o["B_prev"]), cupy_view(o["x_prev"]),
+             np.int32(Bsz), np.int32(T), np.int32(H), np.int32(R), np.int32(P), np.int32(N), np.int32(K)))
+    return _result(outputs, K, initial_state)
+
+
+def example_inputs(shapes: dict, generator=None) -> dict:
+    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: H heads of P = D, N = min(2 D, 64)
+    state values, MIMO rank R = 2, K = N / 4 rotated pairs (the layer's default turns half the state).
+
+    Drawn as a Mamba3Layer makes them: dt = softplus(.) (about 0.05 - 1), A = -softplus(.) <= 0,
+    lambda = sigmoid(.), theta = pi tanh(.), B and C of RMS 1 around the layer's bias of 1 (scaled by
+    1/sqrt(N), so a read of N terms stays O(1)); a full non-zero initial state (h, angle in [0, 2 pi),
+    B_prev, x_prev). The second case has no rotation and no trapezoid (theta, trap None) and starts from
+    zeros, but carries an angle through, so that every output is a tensor (`check_backend` compares
+    each of them; a None would have nothing to compare).
+
+    The initial state goes in kwargs: `kernels.check.example_inputs` rebuilds tuples in args with
+    `type(value)(generator)`, which a NamedTuple such as Mamba3ScanState does not take.
+    """
+    from kernels.check import random_tensor
+    softplus = torch.nn.functional.softplus
+    B, T, H, P = shapes["B"], shapes["T"], shapes["H"], shapes["D"]
+    N, R = min(2 * shapes["D"], MAX_STATE_DIM), 2
+    K = N // 4
+    x = random_tensor((B, T, H, R, P), generator=generator)
+    dt = softplus(random_tensor((B, T, H), generator=generator) - 1.0)                 # > 0
+    A = -softplus(random_tensor((B, T, H), generator=generator))                       # <= 0
+    Bm = (1.0 + random_tensor((B, T, H, R, N), generator=generator)) / math.sqrt(N)
+    Cm = (1.0 + random_tensor((B, T, H, R, N), generator=generator)) / math.sqrt(N)
+    theta = math.pi * torch.tanh(random_tensor((B, T, H, K), generator=generator))
+    trap = torch.sigmoid(random_tensor((B, T, H), generator=generator))
+    D = random_tensor((H,), generator=generator)
+    state = mamba3.Mamba3ScanState(
+        h=random_tensor((B, H, P, N), generator=generator, scale=0.5),
+        angle=2 * math.pi * torch.rand(B, H, K, generator=generator),
+        B_prev=(1.0 + random_tensor((B, H, R, N), generator=generator)) / math.sqrt(N),
+        x_prev=random_tensor((B, H, R, P), generator=generator))
+    carried_angle = mamba3.Mamba3ScanState(None, angle=2 * math.pi * torch.rand(B, H, K, generator=generator))
+    return {"mamba3_scan": ((x, dt, A, Bm, Cm, theta, trap, D), {"initial_state": state}),
+            "mamba3_scan (real state, trap None, from zeros)": ((x, dt, A, Bm, Cm, None, None, D),
+                                                                {"initial_state": carried_angle})}
