@@ -40,6 +40,7 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/shared_blocks.py
 	$(BIN)/python benchmarks/gated_delta_rule.py
 	$(BIN)/python benchmarks/synapse.py
+	$(BIN)/python benchmarks/henn.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -229,3 +229,18 @@ def test_synapse_script_finds_its_kernels_and_references():
         assert "numba" in kernels.registered()[op]
         args, kwargs = script.case_inputs(op)("cpu", 0)
         assert args[0].shape[0] in (3, 16)                      # batch 16 (the small shapes); TIES: K = 3 task vectors
+
+
+def test_henn_script_finds_its_kernels_and_cases():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "henn.py"
+    spec = importlib.util.spec_from_file_location("henn_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)                             # defines the cases; runs nothing
+    for _, case, reference, others in script.CASES:
+        op = case.split(" ")[0]
+        assert "numba" in kernels.registered()[op]
+        args, kwargs = script.case_inputs(case)("cpu", 0)
+        assert args[0].shape[0] in (16, 64)                     # the small shapes: batch 16, or B H = 64 rows

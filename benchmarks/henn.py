@@ -1,0 +1,74 @@
+"""Benchmark chapter 02's kernels (the Mamba-3 scan, INT6/INT4 packing) against their references.
+
+    python benchmarks/henn.py                 # CPU: numba vs the step loop / PyTorch, the chunked form, torch.compile
+    python benchmarks/henn.py --device cuda   # GPU: numba_cuda and cupy
+    python benchmarks/henn.py --quick         # fewer runs, no torch.compile (smoke test)
+
+The truth and the baseline of the scan is its step loop, `mamba3_scan_recurrent`; the op models
+call is the chunked matrix form, timed beside it. The packing ops' truth and baseline are the
+vectorised PyTorch functions of refimpl/quant.py. torch.compile compiles each baseline.
+
+Shapes: kernels.check.example_inputs("small"): the scan at B = 16, T = 128, H = 4 heads of P = 32,
+MIMO rank R = 2, state N = 64 with 16 rotating pairs, trapezoid, a full starting state; packing
+at 16 x 4 rows of 4,099 values (INT6 and INT4). Writes benchmarks/results/henn_<device>.json and
+figures/benchmarks/henn_<device>.png.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+import kernels  # noqa: E402  (first: decides numba's CUDA target)
+from kernels.bench import benchmark_op, measure_ceilings, provenance, save_and_report, script_options  # noqa: E402
+from kernels.check import example_inputs, example_shapes  # noqa: E402
+from refimpl import mamba3, quant  # noqa: E402
+
+BACKENDS = {"cpu": ["numba"], "cuda": ["numba_cuda", "cupy"]}
+
+# (label, example case, the truth and baseline, {name: other PyTorch form timed beside it})
+CASES = [
+    ("Mamba-3 scan (MIMO 2, rotating, trapezoid)", "mamba3_scan", mamba3.mamba3_scan_recurrent,
+     {"chunked matrix form": mamba3.mamba3_scan}),
+    ("pack INT6", "pack_bits int6 [B, H, T*D + 3]", quant.pack_bits, {}),
+    ("unpack INT6", "unpack_bits int6 [B, H, bytes]", quant.unpack_bits, {}),
+    ("dequantise packed INT6", "dequantize_packed int6 [B*H, bytes]", quant.dequantize_packed, {}),
+    ("pack INT4", "pack_bits int4 [B, H, T*D + 3]", quant.pack_bits, {}),
+    ("dequantise packed INT4", "dequantize_packed int4 [B*H, bytes]", quant.dequantize_packed, {}),
+]
+
+
+def case_inputs(case: str):
+    def make(device: str, seed: int):
+        _, args, kwargs = example_inputs("small", device, seed=2000 + seed)[case]
+        return args, kwargs
+    return make
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, timing = script_options(__doc__.split("\n\n")[0], argv)
+    info = provenance()
+    ceilings = measure_ceilings(args.device, quick=args.quick)
+    results = []
+    for label, case, reference, others in CASES:
+        print(f"{label} ...", flush=True)
+        op = case.split(" ")[0]
+        results.append(benchmark_op(op, case_inputs(case), list(others) + BACKENDS[args.device],
+                                    compile=not args.quick, device=args.device, label=label,
+                                    reference=reference, kernel_overrides=others, ceilings=ceilings, **timing))
+    record = {"benchmark": "henn", "script": "benchmarks/henn.py",
+              "settings": {"device": args.device, "quick": args.quick, "compile": not args.quick, "timing": timing,
+                           "references": {case: f"{ref.__module__}.{ref.__qualname__}" for _, case, ref, _ in CASES},
+                           "shapes": example_shapes("small")},
+              "provenance": info, "ceilings": ceilings, "results": results}
+    return save_and_report(record, ROOT / "benchmarks" / "results" / f"henn_{args.device}.json",
+                           ROOT / "figures" / "benchmarks" / f"henn_{args.device}.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
