@@ -32,9 +32,8 @@ the challenge's 1,024-token vocabulary), bfloat16 training, or the challenge's F
 
 from __future__ import annotations
 
-import hashlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch

@@ -13,7 +13,6 @@ NVRTC wherever they exist.
 
 from __future__ import annotations
 
-import subprocess
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ import kernels
 from kernels import modulated_linear as modulated_linear_kernels
 from kernels.check import TOLERANCES, assert_close, example_shapes, poisoned_outputs, random_tensor
 from kernels.machine import device_for
-from kernel_testing import BACKEND_DTYPES, ptx_entries, skip_unless_runnable
+from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
 from refimpl import geometric
 
 LIMIT = modulated_linear_kernels.MAX_MODULATION
@@ -193,36 +192,4 @@ def test_cpu_tensors_to_the_cupy_kernel_are_a_value_error():
     with pytest.raises(ValueError, match="cpu tensor but cupy kernels run on a CUDA GPU"):
         kernels.get("modulated_linear", "cupy")(*args)
 
-
-# ---------------------------------------------------------------- the CUDA C compiles
-
-def test_modulated_linear_cuda_source_compiles_with_nvcc(tmp_path):
-    nvcc = kernels.machine.nvcc_path()
-    if nvcc is None:
-        pytest.skip("nvcc is not installed on this machine")
-    ptx = tmp_path / "modulated_linear.ptx"
-    result = subprocess.run([nvcc, "-ptx", "-arch=sm_80", "-std=c++17", str(modulated_linear_kernels.CU_SOURCE),
-                             "-o", str(ptx)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert set(modulated_linear_kernels.CUPY_ENTRY_POINTS) <= ptx_entries(ptx.read_text())
-
-
-def test_modulated_linear_cuda_source_compiles_with_nvrtc_as_cupy_will():
-    """CuPy's RawModule compiles with NVRTC, which (unlike nvcc) has no host headers such as math.h."""
-    try:
-        from cupy_backends.cuda.libs import nvrtc
-        nvrtc.getVersion()
-    except Exception as err:  # missing library or CuPy: the error type depends on which
-        pytest.skip(f"NVRTC is not loadable here ({type(err).__name__}: {err})")
-    source = modulated_linear_kernels.CU_SOURCE
-    program = nvrtc.createProgram(source.read_text(), source.name, [], [])
-    try:
-        try:
-            nvrtc.compileProgram(program, ["-arch=compute_80", "-std=c++17"])
-        except nvrtc.NVRTCError:
-            pytest.fail(nvrtc.getProgramLog(program))
-        ptx = nvrtc.getPTX(program)
-    finally:
-        nvrtc.destroyProgram(program)
-    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-    assert set(modulated_linear_kernels.CUPY_ENTRY_POINTS) <= ptx_entries(ptx)
+# The CUDA C compile checks (nvcc and NVRTC) are in tests/test_kernels.py, over kernels.OP_MODULES.
