@@ -25,11 +25,10 @@ if str(ROOT) not in sys.path:
 
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
-from kernels.bench import benchmark_op, measure_ceilings, provenance, save_and_report, script_options  # noqa: E402
-from kernels.check import example_inputs, example_shapes  # noqa: E402
+from kernels.bench import run_chapter_benchmark  # noqa: E402
+from kernels.check import example_inputs  # noqa: E402
 from refimpl import mamba3, quant  # noqa: E402
 
-BACKENDS = {"cpu": ["numba"], "cuda": ["numba_cuda", "cupy"]}
 
 # (label, example case, the truth and baseline, {name: other PyTorch form timed beside it})
 CASES = [
@@ -51,23 +50,7 @@ def case_inputs(case: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, timing = script_options(__doc__.split("\n\n")[0], argv)
-    info = provenance()
-    ceilings = measure_ceilings(args.device, quick=args.quick)
-    results = []
-    for label, case, reference, others in CASES:
-        print(f"{label} ...", flush=True)
-        op = case.split(" ")[0]
-        results.append(benchmark_op(op, case_inputs(case), list(others) + BACKENDS[args.device],
-                                    compile=not args.quick, device=args.device, label=label,
-                                    reference=reference, kernel_overrides=others, ceilings=ceilings, **timing))
-    record = {"benchmark": "henn", "script": "benchmarks/henn.py",
-              "settings": {"device": args.device, "quick": args.quick, "compile": not args.quick, "timing": timing,
-                           "references": {case: f"{ref.__module__}.{ref.__qualname__}" for _, case, ref, _ in CASES},
-                           "shapes": example_shapes("small")},
-              "provenance": info, "ceilings": ceilings, "results": results}
-    return save_and_report(record, ROOT / "benchmarks" / "results" / f"henn_{args.device}.json",
-                           ROOT / "figures" / "benchmarks" / f"henn_{args.device}.png")
+    return run_chapter_benchmark("henn", __doc__, CASES, case_inputs, argv)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,10 @@ if str(ROOT) not in sys.path:
 
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
-from kernels.bench import benchmark_op, measure_ceilings, provenance, save_and_report, script_options  # noqa: E402
-from kernels.check import example_inputs, example_shapes  # noqa: E402
+from kernels.bench import run_chapter_benchmark  # noqa: E402
+from kernels.check import example_inputs  # noqa: E402
 from refimpl import merging, ssm, synapse  # noqa: E402
 
-BACKENDS = {"cpu": ["numba"], "cuda": ["numba_cuda", "cupy"]}
 
 # (label, op, the truth and baseline, {name: other PyTorch form timed beside it})
 CASES = [
@@ -53,22 +52,7 @@ def case_inputs(op: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, timing = script_options(__doc__.split("\n\n")[0], argv)
-    info = provenance()
-    ceilings = measure_ceilings(args.device, quick=args.quick)
-    results = []
-    for label, op, reference, others in CASES:
-        print(f"{label} ...", flush=True)
-        results.append(benchmark_op(op, case_inputs(op), list(others) + BACKENDS[args.device],
-                                    compile=not args.quick, device=args.device, label=label,
-                                    reference=reference, kernel_overrides=others, ceilings=ceilings, **timing))
-    record = {"benchmark": "synapse", "script": "benchmarks/synapse.py",
-              "settings": {"device": args.device, "quick": args.quick, "compile": not args.quick, "timing": timing,
-                           "references": {op: f"{ref.__module__}.{ref.__qualname__}" for _, op, ref, _ in CASES},
-                           "shapes": example_shapes("small")},
-              "provenance": info, "ceilings": ceilings, "results": results}
-    return save_and_report(record, ROOT / "benchmarks" / "results" / f"synapse_{args.device}.json",
-                           ROOT / "figures" / "benchmarks" / f"synapse_{args.device}.png")
+    return run_chapter_benchmark("synapse", __doc__, CASES, case_inputs, argv)
 
 
 if __name__ == "__main__":

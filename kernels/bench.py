@@ -661,3 +661,32 @@ def script_options(description: str, argv: list[str] | None = None):
         timing = ({"repeats": 3, "min_seconds": 0.05, "warmup": 1} if args.quick
                   else {"repeats": 10, "min_seconds": 1.0, "warmup": 2})
     return args, timing
+
+
+def run_chapter_benchmark(name: str, doc: str, cases: list[tuple], case_inputs: Callable[[str], Callable],
+                          argv: list[str] | None = None) -> int:
+    """The whole of a chapter's benchmark script: options, provenance, ceilings, every case, the report.
+
+    cases: (label, case name, the truth and baseline, {name: other PyTorch form timed beside it}); the op
+    is the case name's first word. case_inputs(case) -> make_inputs(device, seed) for `benchmark_op`.
+    Writes benchmarks/results/<name>_<device>.json and figures/benchmarks/<name>_<device>.png."""
+    from kernels.check import example_shapes
+    from refimpl.book import ROOT
+
+    args, timing = script_options(doc.split("\n\n")[0], argv)
+    info = provenance()
+    ceilings = measure_ceilings(args.device, quick=args.quick)
+    backends = {"cpu": ["numba"], "cuda": ["numba_cuda", "cupy"]}[args.device]
+    results = []
+    for label, case, reference, others in cases:
+        print(f"{label} ...", flush=True)
+        results.append(benchmark_op(case.split(" ")[0], case_inputs(case), list(others) + backends,
+                                    compile=not args.quick, device=args.device, label=label,
+                                    reference=reference, kernel_overrides=others, ceilings=ceilings, **timing))
+    record = {"benchmark": name, "script": f"benchmarks/{name}.py",
+              "settings": {"device": args.device, "quick": args.quick, "compile": not args.quick, "timing": timing,
+                           "references": {case: f"{ref.__module__}.{ref.__qualname__}" for _, case, ref, _ in cases},
+                           "shapes": example_shapes("small")},
+              "provenance": info, "ceilings": ceilings, "results": results}
+    return save_and_report(record, ROOT / "benchmarks" / "results" / f"{name}_{args.device}.json",
+                           ROOT / "figures" / "benchmarks" / f"{name}_{args.device}.png")
