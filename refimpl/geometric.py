@@ -26,15 +26,18 @@ Glossary
     y       [N, O]
 
 The rest of the file builds the model around it:
-    GeometricConfig / GEOMETRIC_PRESETS   `tiny`, `small`, `paper` (10 x 448, GQA 16/4, theta of 1,024, 64 x rank 12)
+    GeometricConfig / GEOMETRIC_PRESETS   `tiny`, `small`, `paper` (10 x 448, GQA 16/4, theta of 1,024, 64 x rank 12),
+                                          `ten_million` (a model that really has 10M parameters)
     ModulatedLinear, GeometricBlock       a Llama block whose chosen projections are modulated
     CoordinatePredictor                   theta_t from the running mean of embeddings (causal), or the public
                                           code's whole-sequence mean (causal=False: it leaks the future)
     GeometricLM                           the model; theta predicted, or given (one coordinate, or per token)
     geometric_parameter_count             parameters by the write-up's parts, without building the model
     refine_coordinates, track_context, uncertainty, nucleus_sample, choose_token   inference-time coordinates
+    generate, coordinate_statistics, interpolate, layer_energies      the generator API
 
-Does not include (yet): the three-phase curriculum and its data, the generator API and the chapter.
+The curriculum, its data and the forgetting experiment are in `refimpl.geometric_training`; the
+interactive explorer is `refimpl.views.CoordinateExplorer`.
 """
 
 from __future__ import annotations
@@ -150,6 +153,13 @@ GEOMETRIC_PRESETS = {  # the arguments of each named size
     # a predictor of ~256K parameters (hidden 176 gives 448*176 + 176*1024 + biases), its tokenizer's 32,000 tokens.
     "paper": dict(vocab_size=32_000, d_model=448, n_layers=10, n_heads=16, n_kv_heads=4, ffn_hidden=1792,
                   coord_dim=1024, n_wavelets=64, rank=12, predictor_hidden=176, max_seq_len=512),
+    # A model that really has 10M parameters (9,993,744) with the write-up's coordinate system untouched
+    # (theta of 1,024, 64 pairs of rank 12, the ~256K predictor), its 10 layers, GQA 16/4, and the vocabulary of
+    # 3,125 that the table's 1.4M embeddings imply at width 448. Something has to give: with 64 x 12 factor pairs
+    # per projection it is the width (160) and all modulated projections but one (q).
+    "ten_million": dict(vocab_size=3125, d_model=160, n_layers=10, n_heads=16, n_kv_heads=4, ffn_hidden=672,
+                        coord_dim=1024, n_wavelets=64, rank=12, modulate=("q",), predictor_hidden=176,
+                        max_seq_len=512),
 }
 
 
@@ -366,3 +376,115 @@ def choose_token(logits: torch.Tensor, unc: float, threshold: float, top_p: floa
     if unc > threshold:
         return nucleus_sample(logits, top_p, generator), "nucleus"
     return int(logits.argmax()), "greedy"
+
+
+# ----------------------------------------------------------------------------
+# The generator API: generate with context tracking and adaptive decoding; statistics; interpolation
+# ----------------------------------------------------------------------------
+
+@dataclass
+class Generation:
+    """What `generate` did, token by token (n = new tokens)."""
+    tokens: list[int]            # the prompt followed by the n new tokens
+    new_tokens: list[int]        # the n new tokens
+    modes: list[str]             # "greedy" or "nucleus" for each new token ("fixed" when theta was given)
+    uncertainty: list[float]     # var(theta_t - ctx_t) at each decision
+    theta: torch.Tensor          # [n, D] the predicted coordinate at each decision
+    context: torch.Tensor        # [n, D] the tracked (EMA) coordinate at each decision
+
+    @property
+    def text(self) -> str:
+        return bytes(t % 256 for t in self.new_tokens).decode("utf-8", errors="replace")
+
+
+def _check_prompt(model: GeometricLM, prompt) -> torch.Tensor:
+    prompt = torch.as_tensor(prompt)
+    if prompt.dim() != 1 or prompt.numel() < 1 or prompt.dtype not in (torch.int64, torch.int32, torch.uint8):
+        raise ValueError(f"prompt must be a non-empty 1-D tensor of token ids, got {prompt.dtype} "
+                         f"{list(prompt.shape)}")
+    return prompt.long()
+
+
+@torch.no_grad()
+def generate(model: GeometricLM, prompt, max_new_tokens: int, threshold: float = float("inf"), top_p: float = 0.92,
+             decay: float = 0.95, use_context: bool = True, theta: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> Generation:
+    """Continue `prompt` ([T] token ids) by `max_new_tokens`, the write-up's way.
+
+    At every step the predictor proposes theta_t for each position; the context ctx_t is their EMA
+    (`track_context`, decay 0.95). With use_context the model runs at the context coordinates (the
+    write-up's "coordinates drift smoothly during generation"), else at the proposals. The next token
+    is greedy when var(theta_t - ctx_t) <= threshold and nucleus-sampled (top_p) above it; the default
+    threshold (infinity) is always greedy. Given `theta` ([D]), every position runs at that one
+    coordinate and decoding is greedy: what the explorer shows.
+    The context is recomputed from the whole window each step (no cache): simple, fine for short runs;
+    only the last max_seq_len tokens are seen."""
+    prompt = _check_prompt(model, prompt)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if theta is not None and tuple(theta.shape) != (model.cfg.coord_dim,):
+        raise ValueError(f"theta must be [D] = [{model.cfg.coord_dim}], got {list(theta.shape)}")
+    was_training = model.training
+    model.eval()
+    device = model.directions.device
+    tokens = prompt.tolist()
+    modes, unc, thetas, contexts = [], [], [], []
+    for _ in range(max_new_tokens):
+        window = torch.tensor(tokens[-model.cfg.max_seq_len:], device=device)[None]
+        if theta is not None:
+            logits, _ = model(window, theta=theta.to(device))
+            token, mode, u, proposal, ctx = int(logits[0, -1].argmax()), "fixed", 0.0, theta, theta
+        else:
+            proposals = model.predictor(model.embed(window))                        # [1, T, D]
+            context = track_context(proposals, decay)
+            logits, _ = model(window, theta=context if use_context else proposals)
+            proposal, ctx = proposals[0, -1], context[0, -1]
+            u = uncertainty(proposal, ctx).item()
+            token, mode = choose_token(logits[0, -1], u, threshold, top_p, generator)
+        tokens.append(token)
+        modes.append(mode)
+        unc.append(u)
+        thetas.append(proposal.detach().cpu())
+        contexts.append(ctx.detach().cpu())
+    model.train(was_training)
+    D = model.cfg.coord_dim
+    return Generation(tokens, tokens[len(prompt):], modes, unc,
+                      torch.stack(thetas) if thetas else torch.empty(0, D),
+                      torch.stack(contexts) if contexts else torch.empty(0, D))
+
+
+@torch.no_grad()
+def coordinate_statistics(model: GeometricLM, idx: torch.Tensor, decay: float = 0.95) -> dict:
+    """What the predictor does with a batch idx [B, T]: the numbers the write-up's `--analyze-coordinates`
+    promises, each a float: mean ||theta_t||, mean per-dimension spread across the batch, mean token-to-token
+    drift ||theta_t - theta_{t-1}||, mean and 90th-percentile uncertainty var(theta_t - ctx_t), and the
+    mean wavelet phase spread (std of theta . c_i: near 0 the cos/sin terms barely move)."""
+    check_token_ids("coordinate_statistics", idx, model.cfg.max_seq_len)
+    theta = model.predictor(model.embed(idx))                                       # [B, T, D]
+    u = uncertainty(theta, track_context(theta, decay)).flatten()
+    drift = (theta[:, 1:] - theta[:, :-1]).norm(dim=-1) if idx.shape[1] > 1 else theta.new_zeros(1)
+    return {"theta_norm": theta.norm(dim=-1).mean().item(),
+            "spread_per_dim": theta.flatten(0, 1).std(dim=0, unbiased=False).mean().item(),
+            "drift": drift.mean().item(),
+            "uncertainty_mean": u.mean().item(), "uncertainty_p90": u.quantile(0.9).item(),
+            "phase_std": (theta @ model.directions.T).std(unbiased=False).item()}
+
+
+def interpolate(theta_a: torch.Tensor, theta_b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1 - alpha) theta_a + alpha theta_b: the straight path between two coordinates (alpha in [0, 1];
+    outside it extrapolates, which the explorer allows on purpose)."""
+    if theta_a.shape != theta_b.shape:
+        raise ValueError(f"interpolate: coordinates differ in shape, {list(theta_a.shape)} vs {list(theta_b.shape)}")
+    return torch.lerp(theta_a, theta_b, float(alpha))
+
+
+@torch.no_grad()
+def layer_energies(model: GeometricLM, theta: torch.Tensor) -> torch.Tensor:
+    """How much coordinate theta ([D]) changes each layer: the root of the summed ||W_eff - W_base||_F^2 of
+    the layer's modulated projections. -> [n_layers] (zeros where a layer has none)."""
+    cos, sin = model.coefficients(theta)
+    out = []
+    for block in model.blocks:
+        sq = [layer.energy(cos, sin).square() for layer in block.proj.values() if isinstance(layer, ModulatedLinear)]
+        out.append(torch.stack(sq).sum().sqrt() if sq else theta.new_zeros(()))
+    return torch.stack(out)

@@ -1,6 +1,6 @@
 """Geometric Intelligence (chapter 04): the factored modulation equals the materialised weight, the
 causal predictor sees no future token (the public code's does), context tracking, adaptive decoding,
-refinement, and the parameter calculator."""
+refinement, the parameter calculator, and the generator API."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from refimpl.geometric import (GeometricConfig, GeometricLM, ModulatedLinear, choose_token, geometric_parameter_count,
-                               modulated_linear, modulated_linear_materialised, nucleus_sample, refine_coordinates,
-                               track_context, uncertainty)
+from refimpl.geometric import (GeometricConfig, GeometricLM, ModulatedLinear, choose_token, coordinate_statistics,
+                               generate, geometric_parameter_count, interpolate, layer_energies, modulated_linear,
+                               modulated_linear_materialised, nucleus_sample, refine_coordinates, track_context,
+                               uncertainty)
 
 
 def _op_inputs(N=5, I=7, O=9, M=3, r=2, seed=0):
@@ -115,3 +116,51 @@ def test_bad_input_is_a_value_error():
         GeometricConfig(modulate=("q", "attention"))
     with pytest.raises(ValueError, match="decay must be in"):
         track_context(torch.zeros(3, 2), decay=1.5)
+
+
+def test_the_ten_million_preset_really_has_ten_million_parameters():
+    count = geometric_parameter_count(GeometricConfig.preset("ten_million"))
+    assert abs(count["total"] - 10_000_000) < 0.01 * 10_000_000
+    paper = geometric_parameter_count(GeometricConfig.preset("paper"))
+    assert paper["total"] > 10 * 10_000_000                                           # the write-up's own config
+
+
+def test_generate_greedy_follows_the_argmax_and_sampling_switches_on_threshold():
+    torch.manual_seed(0)
+    model = GeometricLM(GeometricConfig.preset("tiny")).eval()
+    prompt = torch.tensor(list(b"def f("))
+    greedy = generate(model, prompt, 5)                                                # threshold inf: always greedy
+    assert greedy.modes == ["greedy"] * 5 and greedy.tokens[:6] == prompt.tolist() and len(greedy.new_tokens) == 5
+    with torch.no_grad():                                                              # first token = argmax at the
+        theta = track_context(model.predictor(model.embed(prompt[None])))             # context coordinates
+        logits, _ = model(prompt[None], theta=theta)
+    assert greedy.new_tokens[0] == int(logits[0, -1].argmax())
+    sampled = generate(model, prompt, 5, threshold=-1.0, generator=torch.Generator().manual_seed(0))
+    assert sampled.modes == ["nucleus"] * 5                                            # any uncertainty >= 0 > -1
+    assert greedy.theta.shape == greedy.context.shape == (5, 16)
+    fixed = generate(model, prompt, 3, theta=torch.zeros(16))
+    assert fixed.modes == ["fixed"] * 3 and torch.equal(fixed.theta, torch.zeros(3, 16))
+    with pytest.raises(ValueError, match="prompt must be a non-empty 1-D tensor"):
+        generate(model, torch.zeros(2, 3, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match=r"theta must be \[D\] = \[16\]"):
+        generate(model, prompt, 3, theta=torch.zeros(4))
+
+
+def test_coordinate_statistics_interpolation_and_layer_energies():
+    torch.manual_seed(0)
+    model = GeometricLM(GeometricConfig.preset("tiny")).eval()
+    stats = coordinate_statistics(model, torch.randint(0, 256, (3, 12)))
+    assert set(stats) == {"theta_norm", "spread_per_dim", "drift", "uncertainty_mean", "uncertainty_p90", "phase_std"}
+    assert all(math.isfinite(v) and v >= 0 for v in stats.values())
+    a, b = torch.zeros(16), torch.ones(16)
+    assert torch.equal(interpolate(a, b, 0.0), a) and torch.equal(interpolate(a, b, 1.0), b)
+    assert torch.allclose(interpolate(a, b, 0.25), torch.full((16,), 0.25))
+    with pytest.raises(ValueError, match="differ in shape"):
+        interpolate(a, torch.ones(3), 0.5)
+    theta = torch.randn(16)
+    energies = layer_energies(model, theta)
+    cos, sin = model.coefficients(theta)
+    first = torch.stack([layer.energy(cos, sin) ** 2 for layer in model.blocks[0].proj.values()]).sum().sqrt()
+    assert energies.shape == (2,) and math.isclose(energies[0].item(), first.item(), rel_tol=1e-6)
+    plain = GeometricLM(GeometricConfig.preset("tiny", modulate=("q",)))
+    assert layer_energies(plain, theta).gt(0).all()                                    # q alone still modulates
