@@ -67,14 +67,54 @@ _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float64, torch.float3
                                                       torch.uint8, torch.bool)}
 
 
-def tensor_file_bytes(tensors: dict[str, torch.Tensor], meta: dict | None = None, compress: bool = False) -> bytes:
+COMPRESSIONS = ("lzma", "zstd")      # what a tensor file's header may name in its "compressed" field
+
+
+def compression_name(compress: bool | str | None) -> str | None:
+    """The codec that `compress` asks for: False (or None) -> None, raw bytes; True -> "lzma" (what True
+    has always meant here); "lzma" or "zstd" -> itself. Anything else is refused."""
+    if compress is None or compress is False:
+        return None
+    if compress is True:
+        return "lzma"
+    if isinstance(compress, str) and compress in COMPRESSIONS:
+        return compress
+    raise ValueError(f"compress must be False, True (lzma), 'lzma' or 'zstd'; got {compress!r}")
+
+
+def _zstandard():
+    """The `zstandard` package, imported when first needed (Python 3.11 has no zstd of its own)."""
+    try:
+        import zstandard
+    except ImportError:
+        raise ImportError("compress='zstd' needs the zstandard package: pip install zstandard "
+                          "(it is in requirements.txt)") from None
+    return zstandard
+
+
+def _compress(payload: bytes, codec: str, level: int | None) -> bytes:
+    """`payload` compressed by `codec`. level None: zstd 3 (fast, most of the gain), lzma 9 | EXTREME (slow,
+    smallest: what the book's artifacts have always used). Otherwise zstd 1..22, or lzma's preset 0..9."""
+    low, high = (1, 22) if codec == "zstd" else (0, 9)
+    if level is not None and (isinstance(level, bool) or not isinstance(level, int) or not low <= level <= high):
+        raise ValueError(f"compress={codec!r}: level must be an integer from {low} to {high}, got {level!r}")
+    if codec == "zstd":
+        return _zstandard().ZstdCompressor(level=3 if level is None else level).compress(payload)
+    return lzma.compress(payload, preset=(9 | lzma.PRESET_EXTREME) if level is None else level)
+
+
+def tensor_file_bytes(tensors: dict[str, torch.Tensor], meta: dict | None = None,
+                      compress: bool | str = False, level: int | None = None) -> bytes:
     """What `write_tensors` writes, as bytes:
 
         magic (12 bytes) | header length (8 bytes, little-endian) | header (UTF-8 JSON) | payload
 
-    The header lists each tensor's name, dtype, shape and byte range in the payload, the caller's
-    `meta` (any JSON), the payload's SHA-256, and whether the payload is lzma-compressed.
+    The header lists each tensor's name, dtype, shape and byte range in the (uncompressed) payload, the
+    caller's `meta` (any JSON), the SHA-256 of the payload as stored, and in "compressed" how it is
+    compressed: null, "lzma" or "zstd". `compress`: False (raw), True or "lzma", or "zstd"; `level` is
+    the codec's level (see `_compress`; ignored when nothing is compressed).
     """
+    codec = compression_name(compress)
     entries, chunks, offset = [], [], 0
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
@@ -87,22 +127,24 @@ def tensor_file_bytes(tensors: dict[str, torch.Tensor], meta: dict | None = None
         chunks.append(raw)
         offset += len(raw)
     payload = b"".join(chunks)
-    if compress:
-        payload = lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME)
-    header = json.dumps({"tensors": entries, "meta": meta or {}, "compressed": "lzma" if compress else None,
+    if codec is not None:
+        payload = _compress(payload, codec, level)
+    header = json.dumps({"tensors": entries, "meta": meta or {}, "compressed": codec,
                          "sha256": hashlib.sha256(payload).hexdigest()}, sort_keys=True).encode("utf-8")
     return TENSOR_FILE_MAGIC + len(header).to_bytes(8, "little") + header + payload
 
 
 def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict | None = None,
-                  compress: bool = False) -> Path:
-    """Atomically write named tensors (and JSON `meta`) to `path`; see `tensor_file_bytes` for the layout."""
-    return atomic_write_bytes(path, tensor_file_bytes(tensors, meta, compress))
+                  compress: bool | str = False, level: int | None = None) -> Path:
+    """Atomically write named tensors (and JSON `meta`) to `path`, compressed as `compress` says (False,
+    True = "lzma", "lzma" or "zstd", at `level`); see `tensor_file_bytes` for the layout."""
+    return atomic_write_bytes(path, tensor_file_bytes(tensors, meta, compress, level))
 
 
 def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, meta) from a file `write_tensors` wrote. Refuses, with the reason, a file that is not one,
-    is cut short, or whose payload does not match its checksum; nothing in it is executed."""
+    """(tensors, meta) from a file `write_tensors` wrote, decompressed as its header's "compressed" field says.
+    Refuses, with the reason, a file that is not one, is cut short, whose payload does not match its
+    checksum, or that names a compression this reader does not know; nothing in it is executed."""
     path = Path(path)
     data = path.read_bytes()
     n = len(TENSOR_FILE_MAGIC)
@@ -116,8 +158,21 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     payload = data[n + 8 + length:]
     if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
         raise ValueError(f"{path}: checksum mismatch; the file is damaged or was cut short")
-    if header.get("compressed") == "lzma":
-        payload = lzma.decompress(payload)
+    codec = header.get("compressed")
+    if codec is not None and codec not in COMPRESSIONS:
+        raise ValueError(f"{path}: compressed with {codec!r}, which this reader does not know "
+                         f"(it reads {', '.join(COMPRESSIONS)} or uncompressed files)")
+    if codec == "lzma":
+        try:
+            payload = lzma.decompress(payload)
+        except lzma.LZMAError as err:
+            raise ValueError(f"{path}: the lzma payload does not decompress ({err})") from None
+    elif codec == "zstd":
+        zstandard = _zstandard()
+        try:
+            payload = zstandard.ZstdDecompressor().decompress(payload)
+        except zstandard.ZstdError as err:
+            raise ValueError(f"{path}: the zstd payload does not decompress ({err})") from None
     tensors = {}
     for e in header["tensors"]:
         if e["dtype"] not in _DTYPES or e["offset"] + e["nbytes"] > len(payload):

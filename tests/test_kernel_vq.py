@@ -1,0 +1,229 @@
+"""The nearest-code (vq_nearest) kernels against the reference, on every backend, at awkward shapes.
+
+Checking by distance: the reference searches with the expanded form ||z||^2 - 2 z.c + ||c||^2 and
+the kernels with the difference z - c, in other summation orders, so at a near-tie (two codes
+whose distances differ by about the rounding) the two may pick different codes, both right. So
+every check recomputes all N x K distances in float64 from the inputs and asserts that the chosen
+code's distance is the minimum (to the kernel dtype's tolerance), that the returned distance is the
+chosen code's, and that on rows with no near-tie the index equals the float64 argmin and the
+reference's exactly. Exact ties are built from integer-valued data (every operation exact in any
+order) and must give the lowest index, including across the CUDA versions' threads.
+
+Outputs are poisoned (NaN distances, -1 indices) before a kernel writes them. numba_cuda runs
+through numba's CUDA simulator when there is no GPU; cupy cases need a GPU and skip with a reason
+elsewhere, while the CUDA C is compile-checked with nvcc and NVRTC wherever they exist. The last
+part runs a `VectorQuantizer` with the numba kernel swapped in.
+"""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+import kernels
+from kernels import vq as vq_kernels
+from kernels.check import assert_close, example_shapes, poisoned_outputs, random_tensor
+from kernels.machine import device_for
+from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
+from refimpl import vq
+
+# id -> (N, K, C)
+SHAPES = {
+    "N1-K70-C17": (1, 70, 17),       # one row; 70 codes: three turns of a 32-thread simulator block, the last partial
+    "N7-K1-C3": (7, 1, 3),           # a single code: every row picks it, a block of one thread
+    "N33-K5-C1": (33, 5, 1),         # scalar codes; 5 codes in a block of 8 threads, three of them idle
+    "N33-K70-C17": (33, 70, 17),     # odd everything at once
+    "N9-K511-C12": (9, 511, 12),     # the `tiny` example's rows and width, the `small` example's K
+}
+
+
+def _inputs(N, K, C, dtype, device, seed=0):
+    """(z, codebook), drawn in float64 and then cast, so every dtype sees the same numbers."""
+    g = torch.Generator().manual_seed(seed)
+    z = random_tensor((N, C), dtype=torch.float64, generator=g)
+    codebook = random_tensor((K, C), dtype=torch.float64, generator=g)
+    return z.to(dtype=dtype, device=device), codebook.to(dtype=dtype, device=device)
+
+
+def _check_nearest(z, codebook, indices, distances, name):
+    """The checks by distance described in the module docstring; returns the rows with no near-tie."""
+    N, K = z.shape[0], codebook.shape[0]
+    assert indices.dtype == torch.int64 and tuple(indices.shape) == (N,), \
+        f"{name}: indices {indices.dtype} {list(indices.shape)}"
+    assert distances.dtype == z.dtype and tuple(distances.shape) == (N,), \
+        f"{name}: distances {distances.dtype} {list(distances.shape)}"
+    indices, distances = indices.cpu(), distances.cpu()
+    assert ((indices >= 0) & (indices < K)).all(), f"{name}: indices outside [0, {K}) (-1 = never written): {indices}"
+    d = ((z.cpu().double()[:, None, :] - codebook.cpu().double()[None, :, :]) ** 2).sum(-1)   # [N, K], exact-ish
+    chosen = d.gather(1, indices[:, None]).squeeze(1)
+    assert_close(chosen.to(z.dtype), d.min(dim=1).values.to(z.dtype), f"{name}: chosen code's distance vs the minimum")
+    assert_close(distances, chosen.to(z.dtype), f"{name}: returned distance vs the chosen code's")
+    # No near-tie: the runner-up is further than many times any rounding of the search (float32
+    # roundoff 6e-8 times ||z||^2 + ||c||^2, ~C for standard-normal draws).
+    if K == 1:
+        clear = torch.ones(N, dtype=torch.bool)
+    else:
+        top2 = d.topk(2, dim=1, largest=False).values
+        scale = (z.cpu().double() ** 2).sum(1) + (codebook.cpu().double() ** 2).sum(1).max()
+        clear = top2[:, 1] - top2[:, 0] > 1e-4 * scale
+    assert torch.equal(indices[clear], d.argmin(dim=1)[clear]), f"{name}: wrong index on a row with no near-tie"
+    return clear
+
+
+# ---------------------------------------------------------------- kernel vs reference
+
+@pytest.mark.parametrize("case", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+def test_vq_nearest_kernel_vs_reference(backend, dtype, case):
+    N, K, C = case
+    skip_unless_runnable(backend, work=N * K * C)
+    z, codebook = _inputs(N, K, C, dtype, device_for(backend), seed=N + K + C)
+    expected = vq.vq_nearest(z, codebook)
+    with poisoned_outputs():
+        indices, distances = kernels.get("vq_nearest", backend)(z, codebook)
+    clear = _check_nearest(z, codebook, indices, distances, f"vq_nearest[{backend}] {case}")
+    _check_nearest(z, codebook, *expected, f"vq_nearest[reference] {case}")       # the reference passes it too
+    assert torch.equal(indices.cpu()[clear], expected[0].cpu()[clear])
+    assert clear.float().mean() > 0.5                       # the check did look at indices
+
+
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+def test_vq_nearest_exact_ties_go_to_the_lowest_index(backend, dtype):
+    """Integer data (every operation exact, in any order): each row's nearest codes are z +- e_j
+    (distance 1) and every other code is far from it.
+
+    With 70 codes the simulator's 32-thread block gives code k to thread k % 32, so a tie between
+    codes 31 and 32 puts the lower index on thread 31 and the higher on thread 0, and the tree
+    reduction has to prefer the index, not the thread."""
+    skip_unless_runnable(backend)
+    N, K, C = 5, 70, 3
+    g = torch.Generator().manual_seed(1)
+    zs = 20 * torch.arange(N, dtype=torch.float64)[:, None] + torch.randint(-4, 5, (N, C), generator=g)  # >= 12 apart
+    codebook = -100 + torch.randint(-3, 4, (K, C), generator=g).double()   # fillers: > 90 from every row
+    tied = {0: [(31, 0, +1), (32, 1, -1)],              # row 0: codes 31 and 32 (threads 31 and 0)
+            1: [(69, 2, +1), (40, 0, -1), (8, 1, +1)],  # row 1: codes 8, 40, 69 (threads 8, 8, 5)
+            2: [(3, 0, +1), (35, 0, +1)],               # row 2: a duplicate code, same thread
+            3: [(0, 1, -1), (64, 2, +1)],               # row 3: the first code
+            4: [(50, 2, -1), (17, 0, +1)]}              # row 4: codes 17 and 50 (threads 17 and 18)
+    for n, codes in tied.items():
+        for k, j, sign in codes:
+            codebook[k] = zs[n]
+            codebook[k, j] += sign
+    d = ((zs[:, None] - codebook[None]) ** 2).sum(-1)
+    winners = [min(k for k, _, _ in tied[n]) for n in range(N)]
+    for n in range(N):
+        assert sorted((d[n] == d[n].min()).nonzero().flatten().tolist()) == sorted(k for k, _, _ in tied[n])
+    zs, codebook = zs.to(dtype=dtype, device=device_for(backend)), codebook.to(dtype=dtype, device=device_for(backend))
+    with poisoned_outputs():
+        indices, distances = kernels.get("vq_nearest", backend)(zs, codebook)
+    assert indices.cpu().tolist() == winners
+    assert vq.vq_nearest(zs, codebook)[0].cpu().tolist() == winners
+    assert distances.cpu().tolist() == [1.0] * N
+
+
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+def test_vq_nearest_example_inputs_vs_reference(backend, dtype):
+    """The `tiny` examples (what `kernels.check.check_backend` runs): indices equal, distances to tolerance."""
+    skip_unless_runnable(backend)
+    cases = vq_kernels.example_inputs(example_shapes("tiny"), torch.Generator().manual_seed(2))
+    assert all(name.split(" ")[0] == "vq_nearest" for name in cases)
+    for name, (args, kwargs) in cases.items():
+        args = tuple(a.to(dtype=dtype, device=device_for(backend)) for a in args)
+        expected = kernels.get("vq_nearest", "reference")(*args, **kwargs)
+        with poisoned_outputs():
+            got = kernels.get("vq_nearest", backend)(*args, **kwargs)
+        assert torch.equal(got[0], expected[0]), f"{name}[{backend}]: indices"
+        assert_close(got[1], expected[1], f"{name}[{backend}]: distances")
+        _check_nearest(*args, *got, f"{name}[{backend}]")
+
+
+def test_example_inputs_have_no_near_ties_at_either_size():
+    """check_backend compares indices exactly: the examples must leave no room for a legitimate flip."""
+    for size in ("tiny", "small"):
+        shapes = example_shapes(size)
+        cases = vq_kernels.example_inputs(shapes, torch.Generator().manual_seed(3))
+        (z, codebook), _ = cases["vq_nearest"]
+        assert tuple(z.shape) == (shapes["B"] * shapes["T"], shapes["C"])
+        assert codebook.shape[0] == {"tiny": 7, "small": 511}[size]
+        d = torch.cdist(z.double(), codebook.double()) ** 2     # float64: rounding far below the margin checked
+        top2 = d.topk(2, dim=1, largest=False).values
+        assert (top2[:, 1] > 100 * top2[:, 0]).all(), f"{size}: a row's runner-up is too close"
+        (zi, ci), _ = cases["vq_nearest (exact ties, integer-valued)"]
+        assert torch.equal(zi, zi.round()) and torch.equal(ci, ci.round())
+        K = ci.shape[0]
+        assert torch.equal(ci[K - K // 2:], ci[:K // 2].flip(0))
+
+
+@pytest.mark.parametrize("backend", ["numba_cuda", "cupy"])
+def test_vq_nearest_at_gpu_size(backend):
+    N, K, C = 4096, 1024, 64
+    skip_unless_runnable(backend, work=N * K * C)
+    z, codebook = _inputs(N, K, C, torch.float32, device_for(backend), seed=4)
+    with poisoned_outputs():
+        indices, distances = kernels.get("vq_nearest", backend)(z, codebook)
+    _check_nearest(z, codebook, indices, distances, f"vq_nearest[{backend}] at GPU size")
+
+
+def test_numba_takes_non_contiguous_inputs():
+    z, codebook = _inputs(6, 9, 4, torch.float32, "cpu", seed=5)
+    z_strided = z.t().contiguous().t()                        # [N, C] with N the fast axis
+    assert not z_strided.is_contiguous()
+    indices, distances = kernels.get("vq_nearest", "numba")(z_strided, codebook[::1])
+    _check_nearest(z, codebook, indices, distances, "strided vq_nearest[numba]")
+
+
+# ---------------------------------------------------------------- the quantiser, kernel swapped in
+
+def test_vector_quantizer_with_numba_vq_nearest_equals_reference():
+    quantizer = vq.VectorQuantizer(64, 12, generator=torch.Generator().manual_seed(6))
+    z_e = random_tensor((3, 11, 12), generator=torch.Generator().manual_seed(7)).requires_grad_()
+    expected = quantizer(z_e)
+    with kernels.use("numba", ops=["vq_nearest"]) as swapped:
+        assert swapped == ["vq_nearest"]
+        assert vq.vq_nearest is vq_kernels.vq_nearest_numba
+        got = quantizer(z_e)                                  # training mode, z_e requiring grad: still works
+    assert vq.vq_nearest is kernels.get("vq_nearest", "reference")     # put back after the block
+    _check_nearest(z_e.detach().reshape(-1, 12), quantizer.codebook.detach(), got.indices.flatten(),
+                   ((got.z_q - z_e) ** 2).sum(-1).detach().flatten(), "VectorQuantizer with numba")
+    assert torch.equal(got.indices, expected.indices)
+    assert_close(got.loss.detach(), expected.loss.detach(), "loss with the numba search")
+    got.loss.backward()                                       # the gradients do not depend on the search's backend
+    assert z_e.grad is not None and quantizer.codebook.grad is not None
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_vq_nearest_bad_shapes_are_value_errors(backend):
+    search = kernels.get("vq_nearest", backend)
+    z, codebook = _inputs(4, 6, 3, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"z must be \[N, C\] with N, C >= 1, got shape \[4, 3, 1\]"):
+        search(z[..., None], codebook)
+    with pytest.raises(ValueError, match=r"codebook must be \[K, C\] = \[K, 3\] with K >= 1, got shape \[6, 2\]"):
+        search(z, codebook[:, :2])
+    with pytest.raises(ValueError, match=r"codebook must be \[K, C\] = \[K, 3\] with K >= 1, got shape \[0, 3\]"):
+        search(z, codebook[:0])
+    with pytest.raises(ValueError, match=r"z must be a floating-point tensor \[N, C\], got torch.int32"):
+        search(z.int(), codebook)
+    with pytest.raises(ValueError, match="codebook must have z's dtype torch.float32, got torch.float64"):
+        search(z, codebook.double())
+
+
+def test_vq_nearest_kernels_refuse_wrong_dtypes_and_devices():
+    z, codebook = _inputs(4, 6, 3, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="z must be float32, float64, got bfloat16"):
+        kernels.get("vq_nearest", "numba")(z.bfloat16(), codebook.bfloat16())
+    with pytest.raises(ValueError, match="z must be float32, got float64"):
+        kernels.get("vq_nearest", "numba_cuda")(z.double(), codebook.double())
+    with pytest.raises(ValueError, match="cpu tensor but cupy kernels run on a CUDA GPU"):
+        kernels.get("vq_nearest", "cupy")(z, codebook)
+    # no gradient to drop (the op is an argmin): inputs that require grad are fine, as in the reference
+    indices, distances = kernels.get("vq_nearest", "numba")(z.requires_grad_(), codebook)
+    assert not distances.requires_grad
+
+
+# The CUDA C compile checks (nvcc and NVRTC) are in tests/test_kernels.py, over kernels.OP_MODULES.
+
+def test_cupy_block_matches_the_cuda_source():
+    assert f"#define VQ_BLOCK {vq_kernels.CUPY_BLOCK} " in vq_kernels.CU_SOURCE.read_text()
