@@ -17,13 +17,13 @@ from kernels.machine import backend_status, cuda_simulator_enabled, has_cuda_gpu
 from kernels.registry import BACKENDS, KernelNotFound, get, register, registered, use
 
 # Importing an op's module registers its kernels.
-from kernels import (attention, fast_weight_memory, gated_delta_rule, mamba3, mlstm,  # noqa: E402,F401
+from kernels import (adam, attention, fast_weight_memory, gated_delta_rule, mamba3, mlstm,  # noqa: E402,F401
                      modulated_linear, moe, neighbourhood_attention, quant, rmsnorm,     # (after machine)
                      selective_scan, ties, vq)
 
 #: every op module, in the order the checks and benchmarks list them
 OP_MODULES = (rmsnorm, attention, moe, gated_delta_rule, selective_scan, mlstm, fast_weight_memory, ties, mamba3, quant,
-              modulated_linear, neighbourhood_attention, vq)
+              modulated_linear, neighbourhood_attention, vq, adam)
 
 __all__ = ["BACKENDS", "KernelNotFound", "backend_status", "cuda_simulator_enabled", "get", "has_cuda_gpu",
            "register", "registered", "runnable_backends", "use", "machine", "OP_MODULES"]

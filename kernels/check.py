@@ -141,6 +141,10 @@ def _to_device(value, device):
     return value
 
 
+def _clone(args: tuple) -> tuple:
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
 def _flatten(value) -> list:
     """An op's result as a flat list of tensors: (o, (C, n, m)) -> [o, C, n, m]."""
     if isinstance(value, (tuple, list)):
@@ -151,15 +155,24 @@ def _flatten(value) -> list:
 def check_backend(backend: str, size: str = "tiny", device="cpu", seed: int = 0) -> list[Comparison]:
     """Run `backend`'s kernel for every example case against the reference, outputs poisoned.
 
-    Ops returning several tensors give one Comparison per output (named op[i]).
+    Ops returning several tensors give one Comparison per output (named op[i]). An op that updates some of
+    its arguments in place (a kernel module's IN_PLACE_ARGUMENTS: {op: argument positions}, e.g. the Adam
+    step) runs on fresh copies for each side, and the updated arguments are compared as outputs too.
     """
+    from kernels import OP_MODULES
     from kernels.registry import get
+    in_place = {op: positions for module in OP_MODULES for op, positions in getattr(module, "IN_PLACE_ARGUMENTS", {}).items()}
     results = []
     with torch.no_grad():
         for case, (op, args, kwargs) in example_inputs(size, device, seed).items():
-            expected = get(op, "reference")(*args, **kwargs)
-            with poisoned_outputs():
-                got = get(op, backend)(*args, **kwargs)
+            if op in in_place:                        # each side steps its own copy; the updated buffers are results too
+                ref_args, args = _clone(args), _clone(args)
+                expected = (get(op, "reference")(*ref_args, **kwargs),) + tuple(ref_args[i] for i in in_place[op])
+                got = (get(op, backend)(*args, **kwargs),) + tuple(args[i] for i in in_place[op])
+            else:
+                expected = get(op, "reference")(*args, **kwargs)
+                with poisoned_outputs():
+                    got = get(op, backend)(*args, **kwargs)
             if isinstance(expected, tuple):
                 got, expected = _flatten(got), _flatten(expected)
                 if len(got) != len(expected):

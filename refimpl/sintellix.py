@@ -333,3 +333,130 @@ def psnr(prediction: torch.Tensor, target: torch.Tensor, peak: float = 1.0) -> f
     """Peak signal-to-noise ratio in dB: 10 log10(peak^2 / MSE)."""
     mse = F.mse_loss(prediction.float(), target.float()).item()
     return float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)
+
+
+# ----------------------------------------------------------------------------
+# Training a grid bigger than the fast tier: per-neuron weights kept in a TieredStore
+# ----------------------------------------------------------------------------
+
+class _StoredProjection(torch.autograd.Function):
+    """y = x W^T per neuron, with W [N, out, in] fetched from the store slab by slab, never held by autograd.
+
+    Forward fetches each slab's weights, uses them and lets them go; backward fetches them again (the
+    ZeRO-Offload / ZeRO-Infinity pattern: parameters stream in twice per step) and adds the weight
+    gradient into the block's "grad" tensor in the store, in place. Only x is saved for backward."""
+
+    @staticmethod
+    def forward(ctx, x, store, keys, bounds):
+        ctx.save_for_backward(x)
+        ctx.store, ctx.keys, ctx.bounds = store, keys, bounds
+        return torch.cat([torch.einsum("bni,noi->bno", x[:, lo:hi], store.get(key)["param"])
+                          for key, (lo, hi) in zip(keys, bounds)], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        grad_x = torch.empty_like(x)
+        for key, (lo, hi) in reversed(list(zip(ctx.keys, ctx.bounds))):       # backward meets them in reverse
+            block = ctx.store.get(key, for_write=True)
+            g = grad_out[:, lo:hi]
+            grad_x[:, lo:hi] = torch.einsum("bno,noi->bni", g, block["param"])
+            block["grad"] += torch.einsum("bno,bni->noi", g, x[:, lo:hi])
+        return grad_x, None, None, None
+
+
+class StoredNeuronLinear(nn.Module):
+    """A per-neuron NeuronLinear whose weight lives in a TieredStore as `slabs` blocks (neurons split evenly),
+    each {"param", "grad", "exp_avg", "exp_avg_sq"} of shape [neurons in the slab, out, in]."""
+
+    def __init__(self, store, name: str, weight: torch.Tensor, slabs: int):
+        super().__init__()
+        N = weight.shape[0]
+        edges = [round(i * N / slabs) for i in range(slabs + 1)]
+        self.store, self.bounds = store, [(lo, hi) for lo, hi in zip(edges, edges[1:]) if hi > lo]
+        self.keys = [f"{name}.{i}" for i in range(len(self.bounds))]
+        for key, (lo, hi) in zip(self.keys, self.bounds):
+            w = weight[lo:hi].detach().contiguous()
+            store.put(key, {"param": w, "grad": torch.zeros_like(w), "exp_avg": torch.zeros_like(w),
+                            "exp_avg_sq": torch.zeros_like(w)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _StoredProjection.apply(x, self.store, self.keys, self.bounds)
+
+
+def offload_neuron_weights(model: SintellixGrid, store, slabs: int) -> list[str]:
+    """Move every per-neuron projection of `model` (weight_sharing=False) into `store`, `slabs` blocks each,
+    replacing the modules by StoredNeuronLinear. Returns the block keys, in the order forward uses them."""
+    if model.cfg.weight_sharing:
+        raise ValueError("offload_neuron_weights needs per-neuron weights (weight_sharing=False)")
+    keys = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NeuronLinear):
+            stored = StoredNeuronLinear(store, name, module.weight, slabs)
+            setattr(model, name, stored)                       # NeuronLinears are direct children of the model
+            keys += stored.keys
+    return keys
+
+
+def stored_adam_step(store, keys: list[str], resident: list[torch.nn.Parameter], resident_states: dict, step: int,
+                     lr: float, max_norm: float | None = 1.0, betas=(0.9, 0.999), eps: float = 1e-8) -> float:
+    """One Adam step with global gradient clipping over the stored blocks and the resident parameters
+    (those still in the model), through the op `refimpl.optim.adam_clip_step`, block by block.
+
+    The global norm needs every gradient before any update: a first pass reads each block's grad (one
+    more sweep through the store), then each block is updated with its grad pre-scaled by the clip
+    coefficient (so the op itself clips nothing) and its grad zeroed. Returns the norm before clipping."""
+    from refimpl import optim
+    squares = sum(float(store.get(k)["grad"].double().square().sum()) for k in keys)
+    squares += sum(float(p.grad.double().square().sum()) for p in resident if p.grad is not None)
+    norm = squares ** 0.5
+    coef = min(1.0, max_norm / (norm + 1e-6)) if max_norm is not None else 1.0
+    hyper = dict(step=step, lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=0.0, max_norm=None)
+    for key in keys:
+        block = store.get(key, for_write=True)
+        if coef != 1.0:
+            block["grad"].mul_(coef)
+        optim.adam_clip_step(block["param"].view(-1), block["grad"].view(-1), block["exp_avg"].view(-1),
+                             block["exp_avg_sq"].view(-1), **hyper)
+        block["grad"].zero_()
+    for p in resident:
+        if p.grad is None:
+            continue
+        state = resident_states.setdefault(p, (torch.zeros_like(p).view(-1), torch.zeros_like(p).view(-1)))
+        g = (p.grad * coef).contiguous().view(-1)
+        with torch.no_grad():
+            optim.adam_clip_step(p.data.view(-1), g, state[0], state[1], **hyper)
+        p.grad = None
+    return norm
+
+
+# ----------------------------------------------------------------------------
+# The plain baseline for the reconstruction task
+# ----------------------------------------------------------------------------
+
+class ConvBaseline(nn.Module):
+    """A plain convolutional denoiser for the same task: `depth` 3 x 3 convolutions of `width` channels with GELU,
+    input [B, X, Y, in] -> output [B, X, Y, out]. What the grid is compared with at an equal parameter count."""
+
+    def __init__(self, width: int, depth: int = 4, in_channels: int = 1, out_channels: int = 1):
+        super().__init__()
+        if width < 1 or depth < 2:
+            raise ValueError(f"ConvBaseline: need width >= 1 and depth >= 2, got {width}, {depth}")
+        channels = [in_channels] + [width] * (depth - 1) + [out_channels]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(channels, channels[1:]))
+
+    def num_parameters(self) -> int:
+        return count_parameters(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.permute(0, 3, 1, 2)
+        for i, conv in enumerate(self.convs):
+            h = conv(h)
+            if i < len(self.convs) - 1:
+                h = F.gelu(h)
+        return h.permute(0, 2, 3, 1)
+
+
+def matched_conv_baseline(target_parameters: int, depth: int = 4) -> ConvBaseline:
+    """The ConvBaseline whose parameter count is closest to `target_parameters`, by choosing its width."""
+    return min((ConvBaseline(w, depth) for w in range(1, 257)), key=lambda m: abs(m.num_parameters() - target_parameters))

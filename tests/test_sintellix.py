@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from refimpl.sintellix import (SintellixConfig, SintellixGrid, corrupt, face_neighbour_mean, fxaa, image_patches, psnr,
+from refimpl.sintellix import (NeuronLinear, SintellixConfig, SintellixGrid, corrupt, face_neighbour_mean, fxaa, image_patches, psnr,
                                sintellix_memory, sintellix_parameter_count, temporal_hierarchy)
 
 SWITCHES = ("neighbour_attention", "global_aggregation", "temporal", "noise_filter", "fxaa")
@@ -143,3 +143,50 @@ def test_bad_input_is_refused():
         SintellixConfig(dim=30, n_heads=8)
     with pytest.raises(ValueError, match="three sides"):
         SintellixConfig(grid=(4, 4))
+
+
+def _train_in_memory(model, batches, lr, steps):
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for step in range(steps):
+        x, y = batches[step]
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+
+@pytest.mark.parametrize("fast_blocks", [1000, 3])                     # everything fits / far too little room
+def test_offloaded_training_equals_training_in_memory(tmp_path, fast_blocks):
+    from refimpl.sintellix import offload_neuron_weights, stored_adam_step
+    from refimpl.store import TieredStore
+    cfg = SintellixConfig.preset("tiny", weight_sharing=False, steps=2)
+    torch.manual_seed(0)
+    reference = SintellixGrid(cfg).double()
+    offloaded = SintellixGrid(cfg).double()
+    offloaded.load_state_dict(reference.state_dict())
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(2, 4, 4, 1, generator=g, dtype=torch.float64),
+                torch.rand(2, 4, 4, 1, generator=g, dtype=torch.float64)) for _ in range(3)]
+    _train_in_memory(reference, batches, 1e-2, 3)
+
+    largest = max(m.weight.numel() for m in offloaded.modules() if isinstance(m, NeuronLinear))
+    block_bytes = largest // 3 * 8 * 4                     # a third of the largest weight, fp64, with grad and moments
+    with TieredStore(tmp_path / "store", fast_bytes=fast_blocks * block_bytes, ram_bytes=2 * block_bytes) as store:
+        keys = offload_neuron_weights(offloaded, store, slabs=3)
+        resident = list(offloaded.parameters())
+        states = {}
+        for step in range(3):
+            x, y = batches[step]
+            torch.nn.functional.mse_loss(offloaded(x), y).backward()
+            stored_adam_step(store, keys, resident, states, step + 1, lr=1e-2, max_norm=1.0)
+        stats = store.stats()
+        for name, module in reference.named_modules():
+            if isinstance(module, NeuronLinear):
+                stored = torch.cat([store.get(f"{name}.{i}")["param"] for i in range(3)])
+                torch.testing.assert_close(stored, module.weight.detach(), rtol=1e-9, atol=1e-12)
+    for (name, p), q in zip(reference.named_parameters(), resident):
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-9, atol=1e-12)
+    assert (stats["hit_rate"] == 1.0) == (fast_blocks == 1000)
+    if fast_blocks == 3:
+        assert stats["disk_reads"] > 0                                    # blocks really went to disk and back
