@@ -41,6 +41,8 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/gated_delta_rule.py
 	$(BIN)/python benchmarks/synapse.py
 	$(BIN)/python benchmarks/henn.py
+	$(BIN)/python benchmarks/geometric.py
+	$(BIN)/python benchmarks/sintellix.py
 
 clean:
 	rm -rf build .pytest_cache

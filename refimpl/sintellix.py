@@ -347,30 +347,39 @@ class _StoredProjection(torch.autograd.Function):
     gradient into the block's "grad" tensor in the store, in place. Only x is saved for backward."""
 
     @staticmethod
-    def forward(ctx, x, store, keys, bounds):
+    def forward(ctx, x, store, keys, bounds, prefetch):
         ctx.save_for_backward(x)
-        ctx.store, ctx.keys, ctx.bounds = store, keys, bounds
-        return torch.cat([torch.einsum("bni,noi->bno", x[:, lo:hi], store.get(key)["param"])
-                          for key, (lo, hi) in zip(keys, bounds)], dim=1)
+        ctx.store, ctx.keys, ctx.bounds, ctx.prefetch = store, keys, bounds, prefetch
+        out = []
+        for i, (key, (lo, hi)) in enumerate(zip(keys, bounds)):
+            if prefetch and i + 1 < len(keys):
+                store.prefetch(keys[i + 1])                        # read the next block from disk meanwhile
+            out.append(torch.einsum("bni,noi->bno", x[:, lo:hi], store.get(key)["param"]))
+        return torch.cat(out, dim=1)
 
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         grad_x = torch.empty_like(x)
-        for key, (lo, hi) in reversed(list(zip(ctx.keys, ctx.bounds))):       # backward meets them in reverse
+        order = list(reversed(list(zip(ctx.keys, ctx.bounds))))              # backward meets them in reverse
+        for i, (key, (lo, hi)) in enumerate(order):
+            if ctx.prefetch and i + 1 < len(order):
+                ctx.store.prefetch(order[i + 1][0])
             block = ctx.store.get(key, for_write=True)
             g = grad_out[:, lo:hi]
             grad_x[:, lo:hi] = torch.einsum("bno,noi->bni", g, block["param"])
             block["grad"] += torch.einsum("bno,bni->noi", g, x[:, lo:hi])
-        return grad_x, None, None, None
+        return grad_x, None, None, None, None
 
 
 class StoredNeuronLinear(nn.Module):
     """A per-neuron NeuronLinear whose weight lives in a TieredStore as `slabs` blocks (neurons split evenly),
-    each {"param", "grad", "exp_avg", "exp_avg_sq"} of shape [neurons in the slab, out, in]."""
+    each {"param", "grad", "exp_avg", "exp_avg_sq"} of shape [neurons in the slab, out, in]. With `prefetch`,
+    fetching a block first asks the store to start reading the next one on its background thread."""
 
-    def __init__(self, store, name: str, weight: torch.Tensor, slabs: int):
+    def __init__(self, store, name: str, weight: torch.Tensor, slabs: int, prefetch: bool = False):
         super().__init__()
+        self.prefetch = prefetch
         N = weight.shape[0]
         edges = [round(i * N / slabs) for i in range(slabs + 1)]
         self.store, self.bounds = store, [(lo, hi) for lo, hi in zip(edges, edges[1:]) if hi > lo]
@@ -381,18 +390,19 @@ class StoredNeuronLinear(nn.Module):
                             "exp_avg_sq": torch.zeros_like(w)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _StoredProjection.apply(x, self.store, self.keys, self.bounds)
+        return _StoredProjection.apply(x, self.store, self.keys, self.bounds, self.prefetch)
 
 
-def offload_neuron_weights(model: SintellixGrid, store, slabs: int) -> list[str]:
+def offload_neuron_weights(model: SintellixGrid, store, slabs: int, prefetch: bool = False) -> list[str]:
     """Move every per-neuron projection of `model` (weight_sharing=False) into `store`, `slabs` blocks each,
-    replacing the modules by StoredNeuronLinear. Returns the block keys, in the order forward uses them."""
+    replacing the modules by StoredNeuronLinear (prefetching the next block if `prefetch`). Returns the
+    block keys, in the order forward uses them."""
     if model.cfg.weight_sharing:
         raise ValueError("offload_neuron_weights needs per-neuron weights (weight_sharing=False)")
     keys = []
     for name, module in list(model.named_modules()):
         if isinstance(module, NeuronLinear):
-            stored = StoredNeuronLinear(store, name, module.weight, slabs)
+            stored = StoredNeuronLinear(store, name, module.weight, slabs, prefetch)
             setattr(model, name, stored)                       # NeuronLinears are direct children of the model
             keys += stored.keys
     return keys

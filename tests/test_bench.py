@@ -244,3 +244,20 @@ def test_henn_script_finds_its_kernels_and_cases():
         assert "numba" in kernels.registered()[op]
         args, kwargs = script.case_inputs(case)("cpu", 0)
         assert args[0].shape[0] in (16, 64)                     # the small shapes: batch 16, or B H = 64 rows
+
+
+@pytest.mark.parametrize("name", ["geometric", "sintellix"])
+def test_chapter_scripts_find_their_kernels_and_cases(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)                             # defines the cases; runs nothing
+    assert len(script.CASES) >= 2
+    for _, case, reference, others in script.CASES:
+        op = case.split(" ")[0]
+        assert "numba" in kernels.registered()[op]
+        args, kwargs = script.case_inputs(case)("cpu", 0)
+        assert all(isinstance(a, torch.Tensor) for a in args[:2])

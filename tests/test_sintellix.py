@@ -156,8 +156,8 @@ def _train_in_memory(model, batches, lr, steps):
         optimizer.step()
 
 
-@pytest.mark.parametrize("fast_blocks", [1000, 3])                     # everything fits / far too little room
-def test_offloaded_training_equals_training_in_memory(tmp_path, fast_blocks):
+@pytest.mark.parametrize("fast_blocks, prefetch", [(1000, False), (3, False), (3, True)])  # fits / far too little room
+def test_offloaded_training_equals_training_in_memory(tmp_path, fast_blocks, prefetch):
     from refimpl.sintellix import offload_neuron_weights, stored_adam_step
     from refimpl.store import TieredStore
     cfg = SintellixConfig.preset("tiny", weight_sharing=False, steps=2)
@@ -173,7 +173,7 @@ def test_offloaded_training_equals_training_in_memory(tmp_path, fast_blocks):
     largest = max(m.weight.numel() for m in offloaded.modules() if isinstance(m, NeuronLinear))
     block_bytes = largest // 3 * 8 * 4                     # a third of the largest weight, fp64, with grad and moments
     with TieredStore(tmp_path / "store", fast_bytes=fast_blocks * block_bytes, ram_bytes=2 * block_bytes) as store:
-        keys = offload_neuron_weights(offloaded, store, slabs=3)
+        keys = offload_neuron_weights(offloaded, store, slabs=3, prefetch=prefetch)
         resident = list(offloaded.parameters())
         states = {}
         for step in range(3):
@@ -189,4 +189,6 @@ def test_offloaded_training_equals_training_in_memory(tmp_path, fast_blocks):
         torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-9, atol=1e-12)
     assert (stats["hit_rate"] == 1.0) == (fast_blocks == 1000)
     if fast_blocks == 3:
-        assert stats["disk_reads"] > 0                                    # blocks really went to disk and back
+        assert stats["disk_reads"] + stats["prefetches_used"] > 0         # blocks really went to disk and back
+    if prefetch:
+        assert stats["prefetches_issued"] > 0
