@@ -1,4 +1,5 @@
-"""What every kernel test file shares: the backend/dtype grid, the skip rule, the PTX reader.
+"""What every kernel test file shares: the backend/dtype grid, the skip rule, the PTX reader, and a
+fixture that holds torch to one thread (import `one_torch_thread` into a test module to use it).
 
 numba CPU kernels take float32 and float64; the CUDA ones float32. numba_cuda runs through
 numba's CUDA simulator when there is no GPU (slow: cases above SIMULATOR_BUDGET skip with a
@@ -20,6 +21,17 @@ BACKEND_DTYPES = [pytest.param("numba", torch.float32, id="numba-fp32"),
                   pytest.param("numba_cuda", torch.float32, id="numba_cuda-fp32"),
                   pytest.param("cupy", torch.float32, id="cupy-fp32")]
 SIMULATOR_BUDGET = 3_000_000  # rough count of inner-loop steps the simulator finishes in about a second
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """For test modules that run thousands of small torch ops (an optimiser's reference steps): on a busy
+    2-core machine each op split over two OpenMP threads waits at a barrier for a core another process
+    holds, about 10x slower than one thread doing it alone. Put back after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def skip_unless_runnable(backend: str, work: int = 0) -> None:

@@ -28,7 +28,7 @@ import kernels
 from kernels import adam as adam_kernels
 from kernels.check import assert_close, example_shapes, random_tensor
 from kernels.machine import device_for
-from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
+from kernel_testing import BACKEND_DTYPES, one_torch_thread, skip_unless_runnable  # noqa: F401 (a fixture)
 from refimpl import optim
 
 SIZES = [pytest.param(N, id=f"N{N}") for N in (1, 37, 1025, 70000)]
@@ -41,17 +41,6 @@ MODES = {  # id -> hyperparameters; "clip" gets max_norm = the median step's gra
 SIMULATOR_ONE_STEP_MAX_N = 1025
 SIMULATOR_CHAINED_N = 37
 FIRST_STEP = 6                # runs continue a training run: the first call is step 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tests run thousands of small torch ops (the reference steps). On a busy 2-core machine, each
-    op split over two OpenMP threads waits at a barrier for a core another process holds, about 10x
-    slower than one thread doing it alone; torch's thread count is put back after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _fp32_tolerance(steps: int) -> float:

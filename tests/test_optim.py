@@ -16,21 +16,11 @@ import pytest
 import torch
 
 from kernels.check import assert_close, random_tensor
+from kernel_testing import one_torch_thread  # noqa: F401 (an autouse fixture: one torch thread)
 from refimpl import optim
 
 TIGHT = dict(atol=1e-12, rtol=1e-12)
 SHAPES = [(3, 4), (5,), (2, 1, 3), (1,)]                  # a few parameter tensors, 24 numbers in all
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tests run thousands of small torch ops (the reference steps). On a busy 2-core machine, each
-    op split over two OpenMP threads waits at a barrier for a core another process holds, about 10x
-    slower than one thread doing it alone; torch's thread count is put back after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _numbers(steps, seed=0):
