@@ -33,6 +33,11 @@ weights"); `sintellix_memory` says what each choice costs at the write-up's size
 
 The reconstruction task the chapter trains: an image patch written into the bottom layer (z = 0), corrupted
 (noise and dropped pixels), read back from the top layer (z = Z - 1): information must cross the grid.
+`ConvBaseline` is the plain network it is compared with.
+
+Training a grid bigger than memory: `offload_neuron_weights` moves every per-neuron projection into a
+`refimpl.store.TieredStore`, slab by slab; forward and backward stream the blocks in (`_StoredProjection`)
+and `stored_adam_step` updates them through the fused-Adam op, with global gradient clipping.
 
 Glossary:  B batch   X, Y, Z grid sides   N = X Y Z neurons   d state size   H heads   D = d / H
 """
