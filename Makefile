@@ -2,6 +2,7 @@
 #   make book   execute every chapter (profile `small`) into build/book, regenerate figures/, summarise metrics
 #   make test   unit tests, kernel checks, and every notebook in the `ci` profile (CI runs exactly this)
 #   make lab    JupyterLab on 127.0.0.1 with a token, in the project's environment
+#   make doctor what this machine can run: Python and package versions, kernel backends, CUDA C compilers
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -13,7 +14,7 @@ PORT    ?= 8888
 # Notebook kernels are started as `python` from PATH: make it the environment's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: book test lab env benchmark clean
+.PHONY: book test lab env benchmark doctor clean
 
 env: $(STAMP)
 
@@ -43,6 +44,9 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/henn.py
 	$(BIN)/python benchmarks/geometric.py
 	$(BIN)/python benchmarks/sintellix.py
+
+doctor: $(STAMP)
+	$(BIN)/python -m refimpl.doctor
 
 clean:
 	rm -rf build .pytest_cache
