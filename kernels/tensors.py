@@ -54,6 +54,7 @@ def forward_only(op: str, *tensors: torch.Tensor) -> None:
 
 
 def expect_dtype(op: str, name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    """Refuse `t` (ValueError naming op, argument and the dtypes allowed) unless its dtype is in `allowed`."""
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise ValueError(f"{op}: {name} must be {names}, got {str(t.dtype).replace('torch.', '')}")

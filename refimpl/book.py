@@ -37,6 +37,7 @@ def profile(default: str = "small") -> str:
 
 
 def check_profile(name: str) -> str:
+    """`name` if it is one of PROFILES ("ci", "small", "gpu"); otherwise a ValueError listing them."""
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {PROFILES}")
     return name
@@ -49,6 +50,7 @@ def output_root() -> Path:
 
 
 def figures_dir(chapter: str) -> Path:
+    """figures/<chapter>/ under the output root (created if missing)."""
     path = output_root() / "figures" / chapter
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -76,6 +78,7 @@ def write_metrics(chapter: str, metrics: dict, run_profile: str) -> Path:
 
 
 def read_metrics(chapter: str) -> dict:
+    """The JSON record `write_metrics` wrote for `chapter` (chapter, profile, machine, metrics, written)."""
     return read_json(output_root() / "figures" / chapter / "metrics.json")
 
 
@@ -145,6 +148,7 @@ def run_book(run_profile: str, build_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m refimpl.book [--profile small]`: run every chapter (see run_book); the exit status."""
     parser = argparse.ArgumentParser(description="Execute every chapter notebook and summarise their metrics.")
     parser.add_argument("--profile", default=os.environ.get("BOOK_PROFILE", "small"), choices=PROFILES)
     parser.add_argument("--build-dir", default=str(ROOT / "build" / "book"))

@@ -98,6 +98,7 @@ def report() -> tuple[str, bool]:
 
 
 def main() -> int:
+    """Print the report; exit status 0 when the book can run here, 1 when something it needs is missing."""
     text, ok = report()
     print(text)
     return 0 if ok else 1

@@ -86,6 +86,7 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0) -> list[str]:
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear inside `model`, by its module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
