@@ -50,7 +50,9 @@ def test_the_coordinate_formula(explorer):
     shifted = explorer.coordinate([2.0], alpha=0.0)
     assert torch.allclose(shifted - a, 2.0 * explorer.spread[0] * explorer.directions[0], atol=1e-6)
     view = explorer.view("code", shifted)
-    assert len(view.energies) == 2 and abs(sum(view.top_probs) - 1) < 1 or sum(view.top_probs) <= 1
+    assert len(view.energies) == 2 and all(e > 0 for e in view.energies)                # two layers, both modulated
+    assert len(view.top_probs) == 12 and view.top_probs == sorted(view.top_probs, reverse=True)
+    assert 0 < sum(view.top_probs) <= 1 + 1e-6                                           # the 12 likeliest of 256
 
 
 def test_bad_input_is_refused(explorer):
