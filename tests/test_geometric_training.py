@@ -54,7 +54,7 @@ def test_dialogue_pairs_a_docstring_with_its_code():
     turns = [t for t in stream.split(b"\x0c\n") if t]
     assert len(turns) > 3
     first = turns[0].decode()
-    assert first.startswith(">>> ") and "\ndef " in first or "\nasync def " in first
+    assert first.startswith(">>> ") and ("\ndef " in first or "\nasync def " in first)
     train, val = dialogue_stream(5_000), dialogue_stream(5_000, validation=True)
     assert not torch.equal(train[:1000], val[:1000])                                      # split by file
 
