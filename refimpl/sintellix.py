@@ -425,7 +425,7 @@ def stored_adam_step(store, keys: list[str], resident: list[torch.nn.Parameter],
     squares = sum(float(store.get(k)["grad"].double().square().sum()) for k in keys)
     squares += sum(float(p.grad.double().square().sum()) for p in resident if p.grad is not None)
     norm = squares ** 0.5
-    coef = min(1.0, max_norm / (norm + 1e-6)) if max_norm is not None else 1.0
+    coef = min(1.0, max_norm / (norm + optim.CLIP_EPS)) if max_norm is not None else 1.0
     hyper = dict(step=step, lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=0.0, max_norm=None)
     for key in keys:
         block = store.get(key, for_write=True)
