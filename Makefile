@@ -3,6 +3,7 @@
 #   make test   unit tests, kernel checks, and every notebook in the `ci` profile (CI runs exactly this)
 #   make lab    JupyterLab on 127.0.0.1 with a token, in the project's environment
 #   make doctor what this machine can run: Python and package versions, kernel backends, CUDA C compilers
+#   make browser  Debian's chromium for the real-browser test (`make test` asks for it; needs root and apt)
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -14,7 +15,7 @@ PORT    ?= 8888
 # Notebook kernels are started as `python` from PATH: make it the environment's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: book test lab env benchmark doctor clean
+.PHONY: book test lab env benchmark doctor browser clean
 
 env: $(STAMP)
 
@@ -27,8 +28,20 @@ $(STAMP): requirements.txt pyproject.toml
 book: $(STAMP)
 	$(BIN)/python -m refimpl.book --profile $(PROFILE)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# The browser test launches Debian's chromium by its path. Installed here when missing and we are root
+# with apt; otherwise a line says so and the test skips (or fails under CI).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing Debian's chromium for the real-browser test"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+				|| echo "apt-get could not install chromium: tests/test_browser.py will skip (CI fails)"; \
+		else \
+			echo "chromium is missing and cannot be installed here (needs root and apt-get): tests/test_browser.py will skip"; \
+		fi; }
 
 lab: $(STAMP)
 	@token=$$($(BIN)/python -c "import secrets; print(secrets.token_hex(16))"); \

@@ -82,6 +82,14 @@ def backend_lines() -> list[str]:
     return lines
 
 
+def browser_line() -> str:
+    """Whether Debian's chromium is here for the real-browser test (tests/test_browser.py)."""
+    import shutil
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    return (f"  chromium    {path}: the interactive views are tested in a real browser" if path else
+            "  chromium    not found: the real-browser test will skip (CI fails); `make browser` installs it")
+
+
 def report() -> tuple[str, bool]:
     """The whole report as text, and whether the book can run here."""
     import platform
@@ -90,7 +98,7 @@ def report() -> tuple[str, bool]:
     lines = [f"Python {platform.python_version()} ({sys.executable})"
              + ("" if python_ok else ": the book needs Python 3.10 or newer"),
              f"machine: {platform.machine()}, {platform.system()}", "", "packages (requirements.txt):", *packages,
-             "", "kernel backends:", *backend_lines(), ""]
+             "", "kernel backends:", *backend_lines(), "", "browser:", browser_line(), ""]
     ok &= python_ok
     lines.append("verdict: everything the book needs is here" if ok else
                  "verdict: something the book needs is missing (see the lines above); `make env` installs it")

@@ -12,7 +12,7 @@ def test_report_lists_every_requirement_and_backend():
     assert ok, text
     for name, _ in doctor.requirements():
         assert f" {name} " in text
-    for backend in ("reference", "numba", "numba_cuda", "cupy", "nvcc", "NVRTC"):
+    for backend in ("reference", "numba", "numba_cuda", "cupy", "nvcc", "NVRTC", "chromium"):
         assert f"  {backend}" in text
     assert "verdict: everything the book needs is here" in text
 
