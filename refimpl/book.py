@@ -11,8 +11,9 @@ BOOK_OUTPUT_DIR points elsewhere (the test suite points it into build/, so
 running the tests never rewrites the committed figures).
 
 `python -m refimpl.book [--profile small]` executes every chapter notebook
-with papermill into build/book/ and writes build/book/summary.md, a one-page
-table of every chapter's metrics.json.
+with papermill into build/book/notebooks/, then publishes: build/book/summary.md
+(every chapter's metrics.json on one page), the static HTML edition
+build/book/html/ (refimpl/edition.py), and the README's generated front page.
 """
 
 from __future__ import annotations
@@ -140,11 +141,24 @@ def run_book(run_profile: str, build_dir: Path) -> int:
         except Exception as err:  # papermill raises its own error types; report and go on to the next chapter
             print(f"!! {notebook.name} failed: {type(err).__name__}: {str(err)[:2000]}", flush=True)
             failed.append(notebook.name)
-    summary = summarise(build_dir)
-    print(f"executed notebooks in {out_dir}; summary in {summary}")
     if failed:
         print(f"{len(failed)} chapter(s) failed: {', '.join(failed)}")
+    publish(build_dir)
     return len(failed)
+
+
+def publish(build_dir: Path) -> None:
+    """After the chapters ran: the metrics summary, the HTML edition (build_dir/html/index.html) and, when the
+    figures went to the repository's figures/, the README's generated front page."""
+    from refimpl import edition
+
+    figures_root = output_root() / "figures"
+    summary = summarise(build_dir)
+    index = edition.render_html(build_dir / "notebooks", build_dir / "html", figures_root)
+    print(f"summary in {summary}; the HTML edition starts at {index}")
+    if output_root() == ROOT:
+        changed = edition.update_readme(ROOT / "README.md", edition.front_page(figures_root))
+        print("README front page " + ("regenerated" if changed else "already matches the metrics"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Execute every chapter notebook and summarise their metrics.")
     parser.add_argument("--profile", default=os.environ.get("BOOK_PROFILE", "small"), choices=PROFILES)
     parser.add_argument("--build-dir", default=str(ROOT / "build" / "book"))
+    parser.add_argument("--publish-only", action="store_true",
+                        help="skip executing: rebuild the summary, HTML edition and README front page from what ran")
     args = parser.parse_args(argv)
+    if args.publish_only:
+        publish(Path(args.build_dir))
+        return 0
     return 1 if run_book(args.profile, Path(args.build_dir)) else 0
 
 
