@@ -22,6 +22,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -81,6 +82,41 @@ def write_metrics(chapter: str, metrics: dict, run_profile: str) -> Path:
 def read_metrics(chapter: str) -> dict:
     """The JSON record `write_metrics` wrote for `chapter` (chapter, profile, machine, metrics, written)."""
     return read_json(output_root() / "figures" / chapter / "metrics.json")
+
+
+# Reproducibility: a chapter run twice in one profile on one machine writes the same metrics, except for what
+# a clock measured. These are the clock's: any key whose name matches TIMED_KEY (and everything under it),
+# and any claim whose text matches TIMED_TEXT (a timing claim's verdict may flip with the machine's load).
+TIMED_KEY = re.compile(r"(^|_)(seconds|ms|speedups?|overhead)($|_)|speedup|per_second|^slopes$|scaling_slopes")
+TIMED_TEXT = re.compile(r"\d\s*(ms|s)\b|\b(seconds|wall[- ]clock|time slope|faster|slower|speed-?ups?|steps/s)\b"
+                        r"|% time|a forward pass")
+
+
+def reproducible_part(metrics: dict) -> tuple[dict, list[str]]:
+    """`metrics` without what a clock measured (see TIMED_KEY, TIMED_TEXT): what must repeat exactly when a
+    chapter runs again. Returns (that part, the dotted names of what was left out)."""
+    dropped: list[str] = []
+
+    def keep(value, path: str):
+        if isinstance(value, dict):
+            kept = {}
+            for key, item in value.items():
+                name = f"{path}.{key}" if path else str(key)
+                if TIMED_KEY.search(str(key)):
+                    dropped.append(name)
+                else:
+                    kept[key] = keep(item, name)
+            return kept
+        return value
+
+    part = keep({k: v for k, v in metrics.items() if k != "claims"}, "")
+    part["claims"] = []
+    for entry in metrics.get("claims", []):
+        if TIMED_TEXT.search(f"{entry.get('claim', '')} {entry.get('measured', '')}"):
+            dropped.append(f"claims[{entry.get('claim', '?')!r}]")
+        else:
+            part["claims"].append(entry)
+    return part, dropped
 
 
 def chapters() -> list[Path]:

@@ -5,12 +5,14 @@
                                       the next-byte distribution, a greedy continuation and how much each layer's
                                       weights changed.
 
+    RoutingExplorer (chapter 05)      run a Synapse model on a text (a sample or your own) and see, layer by
+                                      layer, which expert the Thalamus chose for every byte, how sure it was,
+                                      and how strongly each fast-weight memory head wrote.
+
 Every view keeps its computation (`view`) apart from its drawing (`figure`) and its controls (`widget`),
 so the same numbers feed the widget, the static figure beside it and the tests. Figures are drawn with
 matplotlib's object API (no pyplot state) and shown as PNG images inside the widget, so a notebook saved
 with its widget state shows the last picture even where no kernel runs (the HTML edition).
-
-Does not include: the routing views of other chapters.
 """
 
 from __future__ import annotations
@@ -19,11 +21,20 @@ import html
 import io
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 
 from refimpl.geometric import GeometricLM, generate, interpolate, layer_energies
 from refimpl.geometric_training import principal_directions, sequence_coordinates
+from refimpl.synapse import SynapseLM
+
+
+def _png(fig: Figure, dpi: int = 80) -> bytes:
+    """A figure as PNG bytes: what an ipywidgets.Image shows, and what a saved widget state keeps."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def _printable(byte: int) -> str:
@@ -120,12 +131,6 @@ class CoordinateExplorer:
             fig.suptitle(title, fontsize=9)
         return fig
 
-    @staticmethod
-    def _png(fig: Figure) -> bytes:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=80)
-        return buffer.getvalue()
-
     # -- the widget -----------------------------------------------------------------------------------
 
     def widget(self):
@@ -164,7 +169,7 @@ class CoordinateExplorer:
         view = self.view(c["prompt"].value, theta)
         title = (f"{c['prompt'].value!r} at blend α={c['alpha'].value:.2f} of {c['a'].value!r}→{c['b'].value!r}, "
                  + ", ".join(f"PC{k + 1}={s:+.2f}σ" for k, s in enumerate(offsets)))
-        c["image"].value = self._png(self.figure(view, title))
+        c["image"].value = _png(self.figure(view, title))
         prompt = self.prompts[c["prompt"].value][-60:].decode("utf-8", errors="replace")
         c["text"].value = (f"<pre style='white-space: pre-wrap'>{html.escape(prompt)}<b style='color:#c05000'>"
                            f"{html.escape(view.continuation)}</b></pre>"
@@ -176,6 +181,173 @@ class CoordinateExplorer:
     @property
     def controls(self) -> dict:
         """The widget's controls by name (prompt, a, b, alpha, pc1..., image, text): what a test drives."""
+        if self._controls is None:
+            raise RuntimeError("call widget() first")
+        return self._controls
+
+
+# ----------------------------------------------------------------------------------------------------------
+# chapter 05: routing
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RoutingTrace:
+    """What every layer of a Synapse model did on one text (batch element 0), as plain arrays.
+
+    bytes: the T input bytes. Per layer (a dict in `layers`):
+        choices [T, k]          the Thalamus's chosen experts for each byte, best first
+        first_choice [T]        choices[:, 0]
+        confidence [T]          its top score over its second score (1 = a tie)
+        load [E]                token copies each expert received
+        write_gate [T, H]       each fast-weight memory head's write gate, 0 to 1
+        head_utilisation [H]    each memory head's ||W|| after the text
+        cell_norm [H]           each mLSTM head's cell-state norm after the text
+    """
+    bytes: list[int]
+    layers: list[dict[str, np.ndarray]]
+
+
+@torch.no_grad()
+def routing_trace(model: SynapseLM, text: bytes) -> RoutingTrace:
+    """Run `model` on `text` (at most max_seq_len bytes, the last ones kept) in eval mode (no router noise)
+    and collect each layer's introspection. The model's train/eval mode is restored afterwards."""
+    if not isinstance(model, SynapseLM):
+        raise ValueError(f"routing_trace needs a SynapseLM, got {type(model).__name__}")
+    if not isinstance(text, bytes) or not text:
+        raise ValueError(f"routing_trace needs non-empty bytes, got {type(text).__name__} {text!r:.40}")
+    ids = torch.tensor(list(text[-model.cfg.max_seq_len:]), dtype=torch.long)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        model(ids[None].to(device))
+    finally:
+        model.train(was_training)
+    layers = []
+    for layer in model.layers:
+        th, mem, xl = (layer.thalamus.last_introspection, layer.memory.last_introspection,
+                       layer.xlstm.last_introspection)
+        layers.append({"choices": th["chosen"][0].cpu().numpy(), "first_choice": th["chosen"][0, :, 0].cpu().numpy(),
+                       "confidence": th["confidence"][0].cpu().numpy(), "load": th["load"].cpu().numpy(),
+                       "write_gate": mem["write_gate"][0].cpu().numpy(),
+                       "head_utilisation": mem["head_utilisation"][0].cpu().numpy(),
+                       "cell_norm": xl["cell_norm"][0].cpu().numpy()})
+    return RoutingTrace(ids.tolist(), layers)
+
+
+def routing_figure(trace: RoutingTrace, layers: list[int] | None = None, title: str = "", rank: int = 0) -> Figure:
+    """For each chosen layer (default: all): the expert of every byte at choice `rank` (0 = first choice; a
+    colour per expert), the memory heads' write gates under it, and the token copies each expert received,
+    in the same colours."""
+    layers = list(range(len(trace.layers))) if layers is None else list(layers)
+    k = trace.layers[0]["choices"].shape[1]
+    if not 0 <= rank < k:
+        raise ValueError(f"rank {rank} out of range: the router chooses {k} experts per byte")
+    which = ["first", "second", "third"][rank] if rank < 3 else f"#{rank + 1}"
+    for l in layers:
+        if not 0 <= l < len(trace.layers):
+            raise ValueError(f"layer {l} out of range: the trace has {len(trace.layers)} layers")
+    heads = trace.layers[0]["write_gate"].shape[1]
+    L = len(layers)
+    fig = Figure(figsize=(11, (0.35 + 0.3 * heads) * L * 2 + 0.8), layout="constrained")
+    axes = fig.subplots(2 * L, 2, squeeze=False, gridspec_kw={"width_ratios": [5, 1], "height_ratios": [1, heads] * L})
+    labels = [_printable(b % 256) for b in trace.bytes]
+    for row, l in enumerate(layers):
+        info = trace.layers[l]
+        strip, gates, bars, spare = axes[2 * row, 0], axes[2 * row + 1, 0], axes[2 * row, 1], axes[2 * row + 1, 1]
+        strip.imshow(info["choices"][None, :, rank], aspect="auto", cmap="tab10", vmin=0, vmax=9,
+                     interpolation="nearest")
+        strip.set(xticks=[], yticks=[0], yticklabels=["expert"])
+        strip.set_title(f"layer {l}: {which}-choice expert per byte (colour = expert, as in the bars)", fontsize=8)
+        shown = gates.imshow(info["write_gate"].T, aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                             interpolation="nearest")
+        gates.set_yticks(range(heads), [f"memory head {h} write gate" for h in range(heads)], fontsize=7)
+        gates.set_xticks(range(len(labels)), labels, fontsize=6, fontfamily="monospace")
+        load = info["load"]
+        bars.bar(range(len(load)), load, color=[f"C{e % 10}" for e in range(len(load))])
+        bars.set_title("token copies per expert", fontsize=8)
+        bars.tick_params(labelsize=7)
+        fig.colorbar(shown, ax=spare, orientation="horizontal", fraction=0.5, label="write gate")
+        spare.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+class RoutingExplorer:
+    """Watch a Synapse model route a text: pick a sample or type your own; sliders choose the layer and the
+    choice shown (the router's first, second, ... expert for each byte).
+
+    samples: {name: text}. The picture is `routing_figure` for the chosen layer; the text under it gives,
+    for every layer, the router's mean confidence, each expert's share of first choices, and the memory and
+    mLSTM head norms, so a change of text shows in numbers as well as colours.
+    """
+
+    def __init__(self, model: SynapseLM, samples: dict[str, str]):
+        if not isinstance(model, SynapseLM):
+            raise ValueError(f"RoutingExplorer needs a SynapseLM, got {type(model).__name__}")
+        if not samples or not all(isinstance(t, str) and t for t in samples.values()):
+            raise ValueError("RoutingExplorer needs at least one non-empty sample text (str)")
+        self.model, self.samples = model, dict(samples)
+        self._controls = None
+        self.last_trace: RoutingTrace | None = None
+
+    def trace(self, text: str) -> RoutingTrace:
+        """routing_trace of `text` (UTF-8 encoded)."""
+        return routing_trace(self.model, text.encode("utf-8"))
+
+    @staticmethod
+    def summary_html(trace: RoutingTrace) -> str:
+        """One table row per layer: mean confidence, first-choice share per expert, head norms."""
+        E = len(trace.layers[0]["load"])
+        rows = []
+        for l, info in enumerate(trace.layers):
+            share = np.bincount(info["first_choice"], minlength=E) / len(info["first_choice"])
+            rows.append(f"<tr><td>{l}</td><td>{info['confidence'].mean():.2f}</td>"
+                        f"<td>{' '.join(f'{s:.2f}' for s in share)}</td>"
+                        f"<td>{' '.join(f'{u:.2f}' for u in info['head_utilisation'])}</td>"
+                        f"<td>{' '.join(f'{c:.2f}' for c in info['cell_norm'])}</td></tr>")
+        return ("<table><tr><th>layer</th><th>mean router confidence</th><th>first-choice share per expert</th>"
+                "<th>memory head ‖W‖</th><th>mLSTM cell norm per head</th></tr>" + "".join(rows) + "</table>"
+                f"<small>{len(trace.bytes)} bytes</small>")
+
+    def widget(self):
+        """The interactive view: a sample picker, a text box, layer and choice sliders; the picture and the
+        table update on every change. Returns an ipywidgets.VBox."""
+        import ipywidgets as w
+
+        names = list(self.samples)
+        c = {"sample": w.Dropdown(options=names, value=names[0], description="sample"),
+             "text": w.Textarea(value=self.samples[names[0]], description="text",
+                                layout={"width": "95%", "height": "80px"}, continuous_update=False),
+             "layer": w.IntSlider(value=0, min=0, max=len(self.model.layers) - 1, description="layer",
+                                  continuous_update=False, disabled=len(self.model.layers) == 1),
+             "choice": w.IntSlider(value=1, min=1, max=self.model.cfg.top_k, description="choice",
+                                   continuous_update=False),
+             "image": w.Image(format="png"), "table": w.HTML()}
+        self._controls = c
+        c["sample"].observe(lambda change: setattr(c["text"], "value", self.samples[change["new"]]), names="value")
+        c["text"].observe(lambda _change: self.refresh(), names="value")
+        for name in ("layer", "choice"):
+            c[name].observe(lambda _change: self.refresh(), names="value")
+        self.refresh()
+        return w.VBox([w.HBox([c["sample"], c["layer"], c["choice"]]), c["text"], c["image"], c["table"]])
+
+    def refresh(self) -> RoutingTrace:
+        """Trace the text box's text and redraw (the widget's callback). Returns the trace shown."""
+        if self._controls is None:
+            raise RuntimeError("refresh() redraws the widget: call widget() first")
+        c = self._controls
+        trace = self.trace(c["text"].value or " ")
+        layer, rank = c["layer"].value, c["choice"].value - 1
+        c["image"].value = _png(routing_figure(trace, [layer], f"layer {layer} of {len(trace.layers)}", rank))
+        c["table"].value = self.summary_html(trace)
+        self.last_trace = trace
+        return trace
+
+    @property
+    def controls(self) -> dict:
+        """The widget's controls by name (sample, text, layer, choice, image, table): what a test drives."""
         if self._controls is None:
             raise RuntimeError("call widget() first")
         return self._controls

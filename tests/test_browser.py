@@ -28,17 +28,29 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "build" / "browser"
 
-# Chapters with an interactive view, and how a reader drives it. A chapter that builds a widget must be
-# listed (test_every_interactive_chapter_is_driven checks), so a new view cannot go untested.
+# Chapters with an interactive view, and how a reader drives it: each action names its control by its label
+# and says what must change on the page (the picture, the text under it, or both). A chapter that builds a
+# widget must be listed here (test_every_interactive_chapter_is_driven checks), so no view goes untested.
 VIEWS = {
+    "03_superblock": {
+        "marker": "MoE layer",
+        "actions": [("pick", "MoE layer", "block 0 moe_2", ("picture",)),
+                    ("type", "text", "import os\nos.path.join(a, b)", ("picture",))],
+    },
     "04_geometric": {
-        "marker": "PC1 (σ)",                       # a label inside the view: where to find it on the page
-        "slider": "PC1 (σ)",                       # the slider to move
-        "dropdown": ("prompt", "prose"),           # (the dropdown's label, the option to pick)
+        "marker": "PC1 (σ)",                                    # a label inside the view: where it is on the page
+        "actions": [("drag", "PC1 (σ)", None, ("picture", "text")),
+                    ("pick", "prompt", "prose", ("picture", "text"))],
+    },
+    "05_synapse": {
+        "marker": "choice",
+        "actions": [("drag", "choice", None, ("picture",)),
+                    ("pick", "sample", "prose", ("picture", "text")),
+                    ("type", "text", "import asyncio\nasync def main():\n    await asyncio.sleep(0)", ("picture", "text"))],
     },
 }
 
-RUN_ALL_SECONDS = 300     # the `ci` profile of a chapter takes about a minute here
+RUN_ALL_SECONDS = 480     # a fail-safe, not a speed test: the `ci` profile of a chapter takes a minute or two here
 START_SECONDS = 90
 
 
@@ -68,12 +80,12 @@ def _free_port() -> int:
 
 
 def _interactive_chapters() -> list[str]:
-    """Chapters whose notebook shows an ipywidgets view (calls a `.widget()` of refimpl.views)."""
+    """Chapters whose notebook shows an ipywidgets view (a `.widget()` of refimpl.views, or ipywidgets itself)."""
     found = []
     for notebook in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         cells = json.loads(notebook.read_text())["cells"]
         source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
-        if "refimpl.views" in source and ".widget()" in source:
+        if ".widget()" in source or "ipywidgets" in source:
             found.append(notebook.stem)
     return found
 
@@ -183,22 +195,41 @@ def _run_all_cells(page, notebook: str) -> None:
 
 
 def _state(view) -> tuple[bytes, str]:
-    """What the reader sees of the view: the picture's pixels and the text under it."""
-    picture = view.locator("img.widget-image").first.screenshot()
-    text = view.locator(".widget-html-content").last.inner_text()
-    return picture, text
+    """What the reader sees of the view: the picture's pixels (a widget Image, or a figure shown in an Output
+    widget) and the HTML text under it ("" for a view without one)."""
+    picture = view.locator("img").first.screenshot()
+    texts = view.locator(".widget-html-content")
+    return picture, (texts.last.inner_text() if texts.count() else "")
 
 
-def _wait_for_change(view, before: tuple[bytes, str], what: str, seconds: float = 60.0) -> tuple[bytes, str]:
+def _wait_for_change(view, before: tuple[bytes, str], what: str, expect: tuple[str, ...],
+                     seconds: float = 60.0) -> tuple[bytes, str]:
+    """Until everything in `expect` ("picture", "text") differs from `before`; fails after `seconds`."""
     deadline = time.monotonic() + seconds
     while True:
         after = _state(view)
-        if after[0] != before[0] and after[1] != before[1]:
+        changed = [name for name, a, b in zip(("picture", "text"), after, before) if a != b]
+        if set(expect) <= set(changed):
             return after
         if time.monotonic() > deadline:
-            changed = [name for name, a, b in zip(("picture", "text"), after, before) if a != b]
-            pytest.fail(f"after {what}, only {changed or 'nothing'} changed within {seconds:.0f} s")
+            pytest.fail(f"after {what}, {changed or 'nothing'} changed within {seconds:.0f} s; expected {list(expect)}")
         time.sleep(0.5)
+
+
+def _labelled(view, page, kind: str, label: str):
+    """The control of class `kind` (e.g. widget-slider) whose description label reads `label`."""
+    return view.locator(f".{kind}", has=page.locator(".widget-label", has_text=label)).first
+
+
+def _drag_right(page, slider) -> str:
+    """Drag the slider's handle to the right with the mouse; returns the readout afterwards."""
+    box = slider.locator(".noUi-handle").first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 60, y, steps=8)
+    page.mouse.up()
+    return slider.locator(".widget-readout").first.inner_text()
 
 
 @pytest.mark.parametrize("chapter", sorted(VIEWS))
@@ -221,29 +252,25 @@ def test_view_responds_in_a_real_browser(chapter, lab):
 
             view = page.locator(".widget-vbox", has=page.locator(".widget-label", has_text=spec["marker"])).last
             view.scroll_into_view_if_needed()
-            view.locator("img.widget-image").first.wait_for()
-            before = _state(view)
+            view.locator("img").first.wait_for()
+            state = _state(view)
             view.screenshot(path=str(ARTIFACTS / f"{chapter}_0_start.png"))
-
-            # Drag the slider's handle to the right, as a reader would with the mouse.
-            slider = view.locator(".widget-slider", has=page.locator(".widget-label", has_text=spec["slider"]))
-            handle = slider.locator(".noUi-handle").first
-            box = handle.bounding_box()
-            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-            page.mouse.down()
-            page.mouse.move(box["x"] + box["width"] / 2 + 60, box["y"] + box["height"] / 2, steps=8)
-            page.mouse.up()
-            after_slider = _wait_for_change(view, before, f"dragging {spec['slider']!r}")
-            readout = slider.locator(".widget-readout").first.inner_text()
-            assert float(readout) > 0, f"the slider's readout is {readout!r} after dragging it right"
-            view.screenshot(path=str(ARTIFACTS / f"{chapter}_1_slider.png"))
-
-            # Pick another option in a dropdown.
-            label, option = spec["dropdown"]
-            dropdown = view.locator(".widget-dropdown", has=page.locator(".widget-label", has_text=label)).first
-            dropdown.locator("select").select_option(option)
-            _wait_for_change(view, after_slider, f"picking {option!r} in {label!r}")
-            view.screenshot(path=str(ARTIFACTS / f"{chapter}_2_dropdown.png"))
+            for step, (action, label, value, expect) in enumerate(spec["actions"], start=1):
+                if action == "drag":
+                    slider = _labelled(view, page, "widget-slider", label)
+                    start = slider.locator(".widget-readout").first.inner_text()
+                    readout = _drag_right(page, slider)
+                    assert float(readout) > float(start), f"{label!r} reads {readout!r} after dragging it right"
+                elif action == "pick":
+                    _labelled(view, page, "widget-dropdown", label).locator("select").select_option(value)
+                elif action == "type":
+                    box = _labelled(view, page, "widget-inline-hbox", label).locator("textarea, input").first
+                    box.fill(value)
+                    box.press("Tab")                           # leaving the box sends the text to the kernel
+                else:
+                    raise ValueError(f"unknown action {action!r}")
+                state = _wait_for_change(view, state, f"{action} {label!r}", expect)
+                view.screenshot(path=str(ARTIFACTS / f"{chapter}_{step}_{action}_{label.split()[0]}.png"))
             page.screenshot(path=str(ARTIFACTS / f"{chapter}_page.png"))
         finally:
             browser.close()
