@@ -37,7 +37,7 @@ CHAPTERS = {
     "04_geometric": {"write_up": "003", "title": "Geometric Intelligence",
                      "figure": "forgetting", "caption": "what learning B does to A, three ways"},
     "05_synapse": {"write_up": "004", "title": "TITAN Synapse",
-                   "figure": "merging", "caption": "specialists merged with TIES, by merge weight"},
+                   "figure": "merging", "caption": "specialists and their merges against the base, per package"},
 }
 
 
@@ -156,7 +156,9 @@ def render_index(chapters: list[tuple[str, str]], figures_root: Path, out_path: 
              "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 8px;"
              "vertical-align:top;text-align:left}</style></head><body>",
              "<h1>The book: five neural-network write-ups, built, trained, kernel-checked and fact-checked</h1>",
-             "<div class='chapters'>"]
+             f"<p>Every number below was measured by the chapters' notebooks (profile "
+             f"{esc(', '.join(sorted({r['profile'] for r in claims(figures_root)})) or 'none yet')}); "
+             "each chapter page is the executed notebook.</p>", "<div class='chapters'>"]
     for chapter, title in chapters:
         info = _check_chapter(chapter)
         png = Path(figures_root) / chapter / f"{info['figure']}.png"
