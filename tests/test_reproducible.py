@@ -40,6 +40,9 @@ def test_the_rule_leaves_out_what_a_clock_measured_and_nothing_else():
                                       "store runs.1/4, prefetching the next block",
                                       "claims['refinement adds 2–3 ms']", "claims['fast']"])
     assert metrics["training"]["seconds"] == 12.5            # the input is not changed
+    assert _differences(part, part) == []
+    assert _differences({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}, "d": 0}) == ["d: only in one run",
+                                                                                     "b.c: 2 != 3"]
 
 
 def _leaves(value) -> int:
