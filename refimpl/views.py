@@ -307,7 +307,7 @@ class RoutingExplorer:
                         f"<td>{' '.join(f'{s:.2f}' for s in share)}</td>"
                         f"<td>{' '.join(f'{u:.2f}' for u in info['head_utilisation'])}</td>"
                         f"<td>{' '.join(f'{c:.2f}' for c in info['cell_norm'])}</td></tr>")
-        return ("<table><tr><th>layer</th><th>mean router confidence</th><th>first-choice share per expert</th>"
+        return ("<table style='border-spacing: 14px 2px'><tr><th>layer</th><th>mean router confidence</th><th>first-choice share per expert</th>"
                 "<th>memory head ‖W‖</th><th>mLSTM cell norm per head</th></tr>" + "".join(rows) + "</table>"
                 f"<small>{len(trace.bytes)} bytes</small>")
 

@@ -222,12 +222,14 @@ def _labelled(view, page, kind: str, label: str):
 
 
 def _drag_right(page, slider) -> str:
-    """Drag the slider's handle to the right with the mouse; returns the readout afterwards."""
+    """Drag the slider's handle with the mouse to the right end of its track (so a slider of two values moves
+    too); returns the readout afterwards."""
     box = slider.locator(".noUi-handle").first.bounding_box()
+    track = slider.locator(".noUi-base").first.bounding_box()
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(x, y)
     page.mouse.down()
-    page.mouse.move(x + 60, y, steps=8)
+    page.mouse.move(track["x"] + track["width"] - 1, y, steps=8)
     page.mouse.up()
     return slider.locator(".widget-readout").first.inner_text()
 
