@@ -41,6 +41,47 @@ def cuda_simulator_enabled() -> bool:
     return bool(config.ENABLE_CUDASIM)
 
 
+def make_simulator_shared_arrays_thread_safe() -> bool:
+    """Fix a race in numba's CUDA simulator; returns whether the simulator is patched.
+
+    The simulator gives each block one array per `cuda.shared.array` line, found or created with an unlocked
+    check-then-set. When two threads of a block race there, they get different arrays, and a reduction through
+    shared memory silently loses partial sums. This was seen once as a wrong Adam norm in a full test run. On a
+    GPU, shared memory is one per block; here a lock makes it so. Called on import of `kernels`."""
+    if not cuda_simulator_enabled():
+        return False
+    import threading
+
+    import numpy as np
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    shared = kernelapi.FakeCUDAShared
+    if getattr(shared.array, "thread_safe", False):
+        return True
+    original, lock = shared.array, threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:            # dynamic shared memory, or the simulator's refusal
+            return original(self, shape, dtype, alignment)
+        caller = sys._getframe(1)                          # the kernel line: the simulator's own key
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            found = self._allocations.get(key)
+            if found is None:
+                if not isinstance(dtype, np.dtype):
+                    dtype = numpy_support.as_dtype(dtype) if hasattr(dtype, "key") else np.dtype(dtype)
+                found = self._allocations[key] = np.empty(shape, dtype)
+        return found
+
+    array.thread_safe = True
+    shared.array = array
+    return True
+
+
+make_simulator_shared_arrays_thread_safe()
+
+
 @functools.cache
 def backend_status() -> dict[str, str]:
     """One line per backend: 'ready: …', 'simulator: …' or 'unavailable: <why, in plain words>'."""
