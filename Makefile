@@ -4,6 +4,7 @@
 #   make lab    JupyterLab on 127.0.0.1 with a token, in the project's environment
 #   make doctor what this machine can run: Python and package versions, kernel backends, CUDA C compilers
 #   make browser  Debian's chromium for the real-browser test (`make test` asks for it; needs root and apt)
+#   make stress   the thread, store, notebook-start and browser tests many times with both cores kept busy
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -15,7 +16,7 @@ PORT    ?= 8888
 # Notebook kernels are started as `python` from PATH: make it the environment's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: book test lab env benchmark doctor browser clean
+.PHONY: book test lab env benchmark doctor browser stress clean
 
 env: $(STAMP)
 
@@ -30,6 +31,11 @@ book: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# Timing-sensitive tests under load: 50 runs of the thread/store tests, 10 of the notebook-start tests,
+# 5 of the browser test (STRESS_ARGS to change, e.g. STRESS_ARGS="--browser-runs 1").
+stress: $(STAMP) browser
+	$(BIN)/python -m book.stress $(STRESS_ARGS)
 
 # The browser test launches Debian's chromium by its path. Installed here when missing and we are root
 # with apt; otherwise a line says so and the test skips (or fails under CI).

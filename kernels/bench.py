@@ -86,8 +86,8 @@ class Timing:
 
 
 def time_cpu(fn: Callable, *args, warmup: int = 3, repeats: int = 20, min_seconds: float = 0.5,
-             max_repeats: int = 100_000) -> Timing:
-    """Wall-clock time of `fn(*args)` with time.perf_counter, one call per sample.
+             max_repeats: int = 100_000, clock: Callable[[], float] = time.perf_counter) -> Timing:
+    """Wall-clock time of `fn(*args)` with `clock` (time.perf_counter; tests pass a fake one), one call per sample.
 
     The first `warmup` calls are not timed (numba JIT, torch.compile and caches
     settle there). Then the call is timed at least `repeats` times, and more
@@ -101,11 +101,11 @@ def time_cpu(fn: Callable, *args, warmup: int = 3, repeats: int = 20, min_second
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        started = time.perf_counter()
-        while len(samples) < repeats or (time.perf_counter() - started < min_seconds and len(samples) < max_repeats):
-            t0 = time.perf_counter()
+        started = clock()
+        while len(samples) < repeats or (clock() - started < min_seconds and len(samples) < max_repeats):
+            t0 = clock()
             fn(*args)
-            samples.append(time.perf_counter() - t0)
+            samples.append(clock() - t0)
     finally:
         if gc_was_enabled:
             gc.enable()

@@ -166,7 +166,7 @@ def summarise(build_dir: Path) -> Path:
 
 def run_book(run_profile: str, build_dir: Path) -> int:
     """Execute every chapter with papermill into build_dir/notebooks; return the number that failed."""
-    import papermill
+    from book.notebook_run import run_notebook      # papermill with the book's kernel start (IPC, start retry)
 
     check_profile(run_profile)
     out_dir = build_dir / "notebooks"
@@ -175,8 +175,7 @@ def run_book(run_profile: str, build_dir: Path) -> int:
     for notebook in chapters():
         print(f"== {notebook.name} (profile {run_profile})", flush=True)
         try:
-            papermill.execute_notebook(str(notebook), str(out_dir / notebook.name), parameters={"PROFILE": run_profile},
-                                       cwd=str(notebook.parent), progress_bar=False, kernel_name="python3")
+            run_notebook(notebook, out_dir / notebook.name, parameters={"PROFILE": run_profile}, cwd=notebook.parent)
         except Exception as err:  # papermill raises its own error types; report and go on to the next chapter
             print(f"!! {notebook.name} failed: {type(err).__name__}: {str(err)[:2000]}", flush=True)
             failed.append(notebook.name)

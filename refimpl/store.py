@@ -154,6 +154,10 @@ class TieredStore:
         self._epoch: dict[str, int] = {}          # see "epoch" in the module docstring
         self._clock = 0
         self._closed = False
+        # Called with the key, on the caller's thread and without the lock, just before get() waits for a
+        # prefetch that is reading that key right now. None by default; tests set it to order their threads
+        # by events instead of by timing (see tests/test_store.py).
+        self.before_prefetch_wait = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                                thread_name_prefix="tieredstore-prefetch")
         self._counts = dict.fromkeys(
@@ -358,6 +362,8 @@ class TieredStore:
                     return self._get_locked(key, for_write)
                 self._counts["prefetch_waits"] += 1
             # Running: wait for it WITHOUT the lock (the prefetch thread needs the lock to finish), then look again.
+            if self.before_prefetch_wait is not None:
+                self.before_prefetch_wait(key)
             concurrent.futures.wait([future])
 
     def _get_locked(self, key: str, for_write: bool) -> dict[str, torch.Tensor]:

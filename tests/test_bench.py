@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,25 +43,44 @@ def builtin_rms_norm(x, weight, eps=1e-6):
 
 # ---------------------------------------------------------------- timers
 
+class FakeClock:
+    """A clock that moves only when the timed function says so: timings a test can predict exactly."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float):
+        self.now += seconds
+
+
 def test_time_cpu_median_is_sane_and_warmup_is_excluded():
-    calls = []
+    clock, calls = FakeClock(), []
 
-    def sleepy():
+    def compiled_on_first_call():
         calls.append(None)
-        time.sleep(0.3 if len(calls) == 1 else 0.002)  # the first call plays the JIT compile
+        clock.advance(0.3 if len(calls) == 1 else 0.002 * len(calls))   # the first call plays the JIT compile
 
-    t = bench.time_cpu(sleepy, warmup=1, repeats=8, min_seconds=0.0)
+    t = bench.time_cpu(compiled_on_first_call, warmup=1, repeats=8, min_seconds=0.0, clock=clock)
     assert t.n == 8 and len(calls) == 9
-    assert 0.0015 < t.median_s < 0.1          # the 0.3 s warm-up call is not among the samples
+    samples = [0.002 * k for k in range(2, 10)]                           # the 0.3 s warm-up call is not among them
+    assert t.min_s == pytest.approx(samples[0]) and t.median_s == pytest.approx(float(np.median(samples)))
     assert t.min_s <= t.p10_s <= t.median_s <= t.p90_s
     assert t.method == "perf_counter"
     assert set(t.as_dict()) == {"median_s", "p10_s", "p90_s", "min_s", "n", "method"}
 
 
 def test_time_cpu_runs_until_min_seconds_and_passes_args():
-    seen = []
-    t = bench.time_cpu(seen.append, "x", warmup=0, repeats=1, min_seconds=0.05)
-    assert t.n > 1 and len(seen) == t.n and set(seen) == {"x"}
+    clock, seen = FakeClock(), []
+
+    def step(x):
+        seen.append(x)
+        clock.advance(2.0**-6)                                       # exact in binary: no rounding below
+
+    t = bench.time_cpu(step, "x", warmup=0, repeats=1, min_seconds=2.0**-4, clock=clock)
+    assert t.n == 4 and len(seen) == 4 and set(seen) == {"x"}     # 4 steps of 1/64 s reach 1/16 s
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where there is no GPU")

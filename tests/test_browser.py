@@ -16,14 +16,19 @@ import json
 import os
 import secrets
 import shutil
-import socket
+import re
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from book.notebook_run import JUPYTER_SERVER_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "build" / "browser"
@@ -73,10 +78,19 @@ def _require_browser() -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _wait_until_serving(url: str, server: subprocess.Popen) -> None:
+    """Until `url` answers 200. The server names its address a moment before its event loop binds the port and
+    gives no signal when it has, so this is the one place a test polls: a few tries, each a request."""
+    deadline = time.monotonic() + START_SECONDS
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as reply:
+                assert reply.status == 200, f"JupyterLab's {url} answered {reply.status}"
+                return
+        except urllib.error.URLError as err:
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"JupyterLab did not serve {url} ({err}; exit code {server.poll()})")
+        time.sleep(0.05)  # sleep-ok: no event marks the port's bind; a request every 50 ms until it answers
 
 
 def _interactive_chapters() -> list[str]:
@@ -112,34 +126,43 @@ def lab(tmp_path):
     (apputils / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false",
                                                                             "checkForUpdates": False}))
     token = secrets.token_hex(16)
-    port = _free_port()
+    # the kernels' IPC socket files live in the runtime folder: keep its path short (a socket path holds ~100 bytes)
+    runtime = Path(tempfile.mkdtemp(prefix="lab-"))
     env = dict(os.environ, BOOK_PROFILE="ci", BOOK_OUTPUT_DIR=str(tmp_path / "out"),
                JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "lab-settings"),
                JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "lab-workspaces"),
-               JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
+               JUPYTER_RUNTIME_DIR=str(runtime),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+    # --port=0: the server takes a free port itself and says which (no port picked here for it to race for)
+    command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", "--port=0",
                f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-               "--ServerApp.port_retries=0", "--LabApp.news_url=None"]
+               "--ServerApp.port_retries=0", "--LabApp.news_url=None", *JUPYTER_SERVER_ARGS]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         command.append("--allow-root")
-    log = open(tmp_path / "lab.log", "wb")
-    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    said, log, found = threading.Event(), tmp_path / "lab.log", {}
+
+    def copy_log():
+        """The server's output into lab.log; `said` once it names the address it serves (or when it exits)."""
+        with open(log, "wb") as out:
+            for line in server.stdout:
+                out.write(line)
+                out.flush()
+                match = re.search(rb"http://127\.0\.0\.1:(\d+)/", line)
+                if match and "base" not in found:
+                    found["base"] = f"http://127.0.0.1:{int(match.group(1))}"
+                    said.set()
+        said.set()
+
+    reader = threading.Thread(target=copy_log, daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + START_SECONDS
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"JupyterLab exited with {server.returncode}:\n{(tmp_path / 'lab.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"JupyterLab did not answer within {START_SECONDS} s")
-            time.sleep(0.5)
+        if not said.wait(timeout=START_SECONDS) or "base" not in found:
+            reader.join(timeout=10)
+            pytest.fail(f"JupyterLab did not say where it serves within {START_SECONDS} s "
+                        f"(exit code {server.poll()}):\n{log.read_text()[-3000:]}")
+        base = found["base"]
+        _wait_until_serving(f"{base}/api/status?token={token}", server)
         yield base, token, root
     finally:
         server.terminate()
@@ -148,7 +171,8 @@ def lab(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-        log.close()
+        reader.join(timeout=10)
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 # How far the notebook has got: every code cell's prompt, and whether any output is an error.
@@ -161,59 +185,72 @@ _PROGRESS_JS = """() => {
 }"""
 
 
+# True once every code cell has an execution count, or once any output is an error.
+_FINISHED_JS = """() => {
+  const prompts = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')].map(p => p.textContent.trim());
+  const error = document.querySelector('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.error"]');
+  return error !== null || (prompts.length > 0 && prompts.every(p => /^\\[\\d+\\]:$/.test(p)));
+}"""
+
+# What the reader sees of a view: its picture (the source the <img> shows, once loaded) and the last HTML text.
+_VIEW_STATE_JS = """(view) => {
+  const img = view.querySelector('img');
+  const texts = view.querySelectorAll('.widget-html-content');
+  return {picture: img && img.complete && img.naturalWidth > 0 ? img.src : null,
+          text: texts.length ? texts[texts.length - 1].innerText : ''};
+}"""
+
+
 def _wait_for_kernel(page, base: str, token: str) -> None:
     """Until the notebook's kernel is started, connected to the page, and idle (the status bar says so)."""
-    deadline = time.monotonic() + START_SECONDS
-    while True:
-        with urllib.request.urlopen(f"{base}/api/kernels?token={token}", timeout=5) as reply:
-            kernels = json.loads(reply.read())
-        connected = any(k.get("connections", 0) > 0 and k.get("execution_state") == "idle" for k in kernels)
-        if connected and "Idle" in page.locator(".jp-StatusBar-Widget").all_inner_texts().__str__():
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"the notebook's kernel was not ready after {START_SECONDS} s: {kernels}")
-        time.sleep(0.5)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    try:
+        page.wait_for_function("""() => [...document.querySelectorAll('.jp-StatusBar-Widget')]
+                                     .some(w => w.innerText.includes('Idle'))""",
+                               timeout=START_SECONDS * 1000, polling=250)
+    except PlaywrightTimeout:
+        pytest.fail(f"the notebook's kernel was not idle in the status bar after {START_SECONDS} s")
+    with urllib.request.urlopen(f"{base}/api/kernels?token={token}", timeout=30) as reply:
+        kernels = json.loads(reply.read())
+    assert any(k.get("connections", 0) > 0 for k in kernels), f"no kernel is connected to the page: {kernels}"
 
 
 def _run_all_cells(page, notebook: str) -> None:
     """Run > Run All Cells, as a reader would, then wait until every code cell has run (or one failed)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     page.locator(".lm-MenuBar-item", has_text="Run").first.click()
     page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
-    deadline = time.monotonic() + RUN_ALL_SECONDS
-    while True:
-        progress = page.evaluate(_PROGRESS_JS)
-        if progress["errors"]:
-            pytest.fail(f"{notebook} raised in the browser:\n" + "\n---\n".join(progress["errors"]))
-        prompts = progress["prompts"]
-        if prompts and all(p.strip().startswith("[") and p.strip()[1:-2].isdigit() for p in prompts):
-            return
-        if time.monotonic() > deadline:
-            waiting = [i for i, p in enumerate(prompts) if not p.strip()[1:-2].isdigit()]
-            page.screenshot(path=str(ARTIFACTS / f"{notebook}_timeout.png"))
-            pytest.fail(f"{notebook}: cells {waiting[:10]} had not run after {RUN_ALL_SECONDS} s")
-        time.sleep(1.0)
+    try:
+        page.wait_for_function(_FINISHED_JS, timeout=RUN_ALL_SECONDS * 1000, polling=1000)
+    except PlaywrightTimeout:
+        prompts = page.evaluate(_PROGRESS_JS)["prompts"]
+        waiting = [i for i, p in enumerate(prompts) if not p.strip()[1:-2].isdigit()]
+        page.screenshot(path=str(ARTIFACTS / f"{notebook}_timeout.png"))
+        pytest.fail(f"{notebook}: cells {waiting[:10]} had not run after {RUN_ALL_SECONDS} s")
+    errors = page.evaluate(_PROGRESS_JS)["errors"]
+    if errors:
+        pytest.fail(f"{notebook} raised in the browser:\n" + "\n---\n".join(errors))
 
 
-def _state(view) -> tuple[bytes, str]:
-    """What the reader sees of the view: the picture's pixels (a widget Image, or a figure shown in an Output
-    widget) and the HTML text under it ("" for a view without one)."""
-    picture = view.locator("img").first.screenshot()
-    texts = view.locator(".widget-html-content")
-    return picture, (texts.last.inner_text() if texts.count() else "")
+def _state(view) -> dict:
+    """What the reader sees of the view (see _VIEW_STATE_JS)."""
+    return view.evaluate(_VIEW_STATE_JS)
 
 
-def _wait_for_change(view, before: tuple[bytes, str], what: str, expect: tuple[str, ...],
-                     seconds: float = 60.0) -> tuple[bytes, str]:
-    """Until everything in `expect` ("picture", "text") differs from `before`; fails after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while True:
+def _wait_for_change(page, view, before: dict, what: str, expect: tuple[str, ...], seconds: float = 60.0) -> dict:
+    """Until everything in `expect` ("picture", "text") differs from `before` (a new picture loaded);
+    fails after `seconds` with what did change."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    try:
+        page.wait_for_function(f"""([view, before, expect]) => {{
+            const now = ({_VIEW_STATE_JS})(view);
+            return now.picture !== null && expect.every(k => now[k] !== before[k]);
+        }}""", arg=[view.element_handle(), before, list(expect)], timeout=seconds * 1000, polling=250)
+    except PlaywrightTimeout:
         after = _state(view)
-        changed = [name for name, a, b in zip(("picture", "text"), after, before) if a != b]
-        if set(expect) <= set(changed):
-            return after
-        if time.monotonic() > deadline:
-            pytest.fail(f"after {what}, {changed or 'nothing'} changed within {seconds:.0f} s; expected {list(expect)}")
-        time.sleep(0.5)
+        changed = [k for k in ("picture", "text") if after[k] != before[k]]
+        pytest.fail(f"after {what}, {changed or 'nothing'} changed within {seconds:.0f} s; expected {list(expect)}")
+    return _state(view)
 
 
 def _labelled(view, page, kind: str, label: str):
@@ -223,7 +260,7 @@ def _labelled(view, page, kind: str, label: str):
 
 def _drag_right(page, slider) -> str:
     """Drag the slider's handle with the mouse to the right end of its track (so a slider of two values moves
-    too); returns the readout afterwards."""
+    too)."""
     box = slider.locator(".noUi-handle").first.bounding_box()
     track = slider.locator(".noUi-base").first.bounding_box()
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
@@ -231,13 +268,12 @@ def _drag_right(page, slider) -> str:
     page.mouse.down()
     page.mouse.move(track["x"] + track["width"] - 1, y, steps=8)
     page.mouse.up()
-    return slider.locator(".widget-readout").first.inner_text()
 
 
 @pytest.mark.parametrize("chapter", sorted(VIEWS))
 def test_view_responds_in_a_real_browser(chapter, lab):
     executable = _require_browser()
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     base, token, _root = lab
     spec = VIEWS[chapter]
@@ -255,14 +291,18 @@ def test_view_responds_in_a_real_browser(chapter, lab):
             view = page.locator(".widget-vbox", has=page.locator(".widget-label", has_text=spec["marker"])).last
             view.scroll_into_view_if_needed()
             view.locator("img").first.wait_for()
+            page.wait_for_function(f"(view) => ({_VIEW_STATE_JS})(view).picture !== null", arg=view.element_handle())
             state = _state(view)
             view.screenshot(path=str(ARTIFACTS / f"{chapter}_0_start.png"))
-            for step, (action, label, value, expect) in enumerate(spec["actions"], start=1):
+            for step, (action, label, value, changes) in enumerate(spec["actions"], start=1):
                 if action == "drag":
                     slider = _labelled(view, page, "widget-slider", label)
-                    start = slider.locator(".widget-readout").first.inner_text()
-                    readout = _drag_right(page, slider)
-                    assert float(readout) > float(start), f"{label!r} reads {readout!r} after dragging it right"
+                    readout = slider.locator(".widget-readout").first
+                    start = readout.inner_text()
+                    _drag_right(page, slider)
+                    expect(readout).not_to_have_text(start)          # waits for the readout to move
+                    assert float(readout.inner_text()) > float(start), \
+                        f"{label!r} reads {readout.inner_text()!r} after dragging it right from {start!r}"
                 elif action == "pick":
                     _labelled(view, page, "widget-dropdown", label).locator("select").select_option(value)
                 elif action == "type":
@@ -271,7 +311,7 @@ def test_view_responds_in_a_real_browser(chapter, lab):
                     box.press("Tab")                           # leaving the box sends the text to the kernel
                 else:
                     raise ValueError(f"unknown action {action!r}")
-                state = _wait_for_change(view, state, f"{action} {label!r}", expect)
+                state = _wait_for_change(page, view, state, f"{action} {label!r}", changes)
                 view.screenshot(path=str(ARTIFACTS / f"{chapter}_{step}_{action}_{label.split()[0]}.png"))
             page.screenshot(path=str(ARTIFACTS / f"{chapter}_page.png"))
         finally:

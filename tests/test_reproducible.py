@@ -70,8 +70,8 @@ def test_ci_profile_twice_gives_the_same_metrics(chapter, tmp_path):
         env = dict(os.environ, BOOK_PROFILE="ci", BOOK_OUTPUT_DIR=str(tmp_path / run), OMP_NUM_THREADS="1",
                    MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
                    PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-        command = [sys.executable, "-m", "papermill", str(notebook), str(tmp_path / f"{run}.ipynb"),
-                   "-p", "PROFILE", "ci", "--cwd", str(notebook.parent), "--no-progress-bar"]
+        command = [sys.executable, "-m", "book.notebook_run", str(notebook), str(tmp_path / f"{run}.ipynb"),
+                   "--profile", "ci", "--cwd", str(notebook.parent)]
         log = open(tmp_path / f"{run}.log", "wb")
         runs.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     for run, (process, log) in zip(("first", "second"), runs):

@@ -403,24 +403,33 @@ def test_prefetched_blocks_are_hits_without_further_disk_reads(tmp_path):
 
 
 def test_get_waits_for_an_in_flight_prefetch_instead_of_reading_twice(tmp_path, monkeypatch):
+    """Threads ordered by events, never by timing: b0's prefetch is held inside its file read until get("b0")
+    is about to wait for it (the store's before_prefetch_wait hook releases it), so get("b0") meets a running
+    prefetch on every run; b1's prefetch is still queued behind it when get("b1") comes."""
     store, blocks = _store_on_disk(tmp_path, 3, fast_blocks=3, ram_blocks=3)
-    started, release, reads = threading.Event(), threading.Event(), []
+    b0_reading, release_b0, reads, waited_for = threading.Event(), threading.Event(), [], []
     real_read = store_module.read_tensors
 
-    def slow_read(path):
-        reads.append(os.path.basename(path))
-        started.set()
-        assert release.wait(timeout=10)
+    def held_read(path):
+        name = os.path.basename(path)
+        reads.append(name)
+        if name == "b0.blk":                       # the prefetch thread: hold b0's read until released
+            b0_reading.set()
+            assert release_b0.wait(timeout=60), "get('b0') never waited for the prefetch"
         return real_read(path)
 
-    monkeypatch.setattr(store_module, "read_tensors", slow_read)
-    store.prefetch(["b0", "b1"])                   # b0 starts (and blocks); b1 waits in the queue
-    assert started.wait(timeout=10)
-    timer = threading.Timer(0.2, release.set)
-    timer.start()
+    def release(key):
+        waited_for.append(key)
+        release_b0.set()
+
+    monkeypatch.setattr(store_module, "read_tensors", held_read)
+    store.before_prefetch_wait = release
+    store.prefetch(["b0", "b1"])                   # b0 starts (and is held); b1 waits in the queue
+    assert b0_reading.wait(timeout=60)
     _assert_same(store.get("b1"), blocks["b1"], "b1")   # not started: cancelled and read here
+    assert not release_b0.is_set()                 # b0's prefetch is still inside its read
     _assert_same(store.get("b0"), blocks["b0"], "b0")   # running: waited for, not read again
-    timer.join()
+    assert waited_for == ["b0"]
     assert reads == ["b0.blk", "b1.blk"]
     s = store.stats()
     assert s["prefetch_waits"] == 1 and s["disk_reads"] == 1 and s["fast_hits"] == 1
