@@ -24,7 +24,9 @@ OUT = ROOT / "build" / "stress"
 
 # suite -> (the tests, which option sets its number of runs)
 SUITES = {
-    "threads and store": (["tests/test_store.py", "tests/test_simulator.py", "tests/test_bench.py",
+    "threads and store": (["tests/test_store.py", "tests/test_simulator.py",
+                           "tests/test_bench.py::test_time_cpu_median_is_sane_and_warmup_is_excluded",
+                           "tests/test_bench.py::test_time_cpu_runs_until_min_seconds_and_passes_args",
                            "tests/test_sintellix.py::test_offloaded_training_equals_training_in_memory"],
                           "thread_runs"),
     "notebook start": (["tests/test_notebook_run.py"], "notebook_runs"),

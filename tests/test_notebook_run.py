@@ -3,12 +3,14 @@ kernel start (book/notebook_run.py), for nbmake, papermill and the command line 
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
 import nbformat
 import pytest
 from nbclient.exceptions import CellExecutionError
+from traitlets import default
 
 from book import notebook_run
 from book.notebook_run import BookKernelManager, BookNotebookClient
@@ -41,6 +43,43 @@ class DiesOnFirstStart(BookKernelManager):
         if type(self).launches == 1:
             return [sys.executable, "-c", "import sys; sys.exit(3)"]
         return super().format_kernel_cmd(extra_arguments)
+
+
+class PortTakenOnFirstStart(BookKernelManager):
+    """The failure IPC avoids, made to happen: over TCP, the first kernel's shell port is taken by someone else
+    between the client choosing it and the kernel binding it (what a second kernel starting at the same moment
+    can do), so that kernel dies on start-up."""
+    launches, thief = 0, None
+
+    @default("transport")
+    def _transport_default(self):
+        return "tcp"
+
+    @default("ip")
+    def _ip_default(self):
+        return "127.0.0.1"
+
+    def format_kernel_cmd(self, extra_arguments=None):
+        type(self).launches += 1
+        if type(self).launches == 1:          # the connection file is written: take its shell port
+            type(self).thief = socket.socket()
+            type(self).thief.bind(("127.0.0.1", self.shell_port))
+            type(self).thief.listen()
+        return super().format_kernel_cmd(extra_arguments)
+
+
+def test_a_port_taken_under_a_tcp_kernel_is_the_failure_and_the_retry_recovers(capfd):
+    PortTakenOnFirstStart.launches = 0
+    try:
+        nb = BookNotebookClient(_notebook("print('ran')"), kernel_manager_class=PortTakenOnFirstStart,
+                                startup_timeout=60).execute()
+    finally:
+        if PortTakenOnFirstStart.thief is not None:
+            PortTakenOnFirstStart.thief.close()
+    assert _text(nb.cells[0]).strip() == "ran"
+    assert PortTakenOnFirstStart.launches == 2
+    err = capfd.readouterr().err
+    assert "Address already in use" in err and err.count("starting it again") == 1
 
 
 def test_kernels_talk_over_ipc_sockets_not_tcp_ports():
