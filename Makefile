@@ -49,12 +49,16 @@ browser:
 			echo "chromium is missing and cannot be installed here (needs root and apt-get): tests/test_browser.py will skip"; \
 		fi; }
 
+# The token goes to the server in its environment (JUPYTER_TOKEN), never on its command line, where any local
+# user could read it in the process list. As root it refuses unless ALLOW_ROOT=1 says so explicitly.
 lab: $(STAMP)
+	@if [ "$$(id -u)" = 0 ] && [ "$(ALLOW_ROOT)" != 1 ]; then \
+		echo "make lab: refusing to run notebooks as root; use an ordinary user, or ALLOW_ROOT=1 make lab"; exit 1; fi
 	@token=$$($(BIN)/python -c "import secrets; print(secrets.token_hex(16))"); \
 	echo "Open http://127.0.0.1:$(PORT)/lab?token=$$token"; \
 	root_flag=$$([ "$$(id -u)" = 0 ] && echo --allow-root); \
-	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --IdentityProvider.token=$$token \
-		--notebook-dir=notebooks $$root_flag
+	JUPYTER_TOKEN=$$token $(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) \
+		--KernelManager.transport=ipc --notebook-dir=notebooks $$root_flag
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/shared_blocks.py
