@@ -69,12 +69,15 @@ noise); only zeros, repeats and small integers compress far.
 
 Does not include: CUDA unified memory (the write-up's "automatic management"); writes in the
 background (evictions and flush() write on the calling thread; only reads are asynchronous, through
-prefetch); several processes sharing one directory (one store per directory at a time).
+prefetch); several processes sharing one directory: one store per directory at a time, enforced by an OS
+lock (flock) on LOCK_NAME, so a second store, in this process or another, is refused with a clear error, and
+the temp files a store removes when it opens can only be a dead writer's.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import os
 import re
 import threading
@@ -86,6 +89,7 @@ import torch
 from refimpl.io import _DTYPES, compression_name, read_tensors, tensor_file_bytes, write_tensors
 
 BLOCK_SUFFIX = ".blk"                 # the disk tier's files: <key>.blk
+LOCK_NAME = ".tieredstore.lock"        # the writer lock's file (its name starts with ".": never a key)
 BLOCK_FORMAT = "tieredstore-block-1"  # written into each file's meta, with the block's key
 # a key names its file, so: letters, digits, "_", "." and "-", not starting with "." (the temp files do)
 KEY_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -95,6 +99,25 @@ MOVES = ("fast->ram", "ram->fast", "ram->disk", "disk->ram", "fast->disk", "disk
 def block_nbytes(block: dict[str, torch.Tensor]) -> int:
     """Bytes held by a block's tensors: what the tier capacities count (not Python's overheads)."""
     return sum(t.numel() * t.element_size() for t in block.values())
+
+
+def _lock_directory(directory: Path):
+    """Take the directory's writer lock (an OS lock on LOCK_NAME, released when the returned file is closed,
+    or when the process dies); a second store on the same directory, in this process or another, is refused."""
+    lock_file = open(directory / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "unknown"
+        lock_file.close()
+        raise RuntimeError(f"TieredStore: {directory} is already open in another TieredStore (process {holder}); "
+                           "one store per directory at a time: close that one first") from None
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(str(os.getpid()))
+    lock_file.flush()
+    return lock_file
 
 
 def _fast_device(device) -> torch.device:
@@ -140,6 +163,7 @@ class TieredStore:
         self.ram_pinned = self.fast_device.type == "cuda"    # pinning only pays for copies to a GPU
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_file = _lock_directory(self.directory)    # one store per directory, or a clear error
 
         self._lock = threading.Lock()
         self._fast: OrderedDict[str, dict] = OrderedDict()   # least recently used first
@@ -166,7 +190,12 @@ class TieredStore:
              "disk_file_reads", "disk_bytes_read", "disk_bytes_read_raw",
              "prefetches_issued", "prefetches_used", "prefetches_wasted"), 0)
         self._moved = dict.fromkeys(MOVES, 0)      # bytes of tensor data moved, per direction
-        self.removed_temp_files = self._scan_directory()
+        try:
+            # the lock is ours, so every temp file here is a dead writer's, never a live one's
+            self.removed_temp_files = self._scan_directory()
+        except BaseException:
+            self._lock_file.close()
+            raise
 
     # ------------------------------------------------------------------
     # Opening, validation, small helpers (the lock is held, or not yet shared)
@@ -562,6 +591,7 @@ class TieredStore:
             self._fast.clear()
             self._ram.clear()
             self._fast_used = self._ram_used = 0
+        self._lock_file.close()          # closing the file releases its lock: another store may open the directory
 
     def __enter__(self) -> TieredStore:
         return self

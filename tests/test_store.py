@@ -350,7 +350,7 @@ def test_zstd_files_are_smaller_and_the_ratio_is_the_file_sizes(tmp_path):
                 store.put(k, b)
             store.flush()
             s = store.stats()
-        files = sum(p.stat().st_size for p in directory.iterdir())
+        files = sum(p.stat().st_size for p in directory.glob("*.blk"))   # the block files (not the lock)
         raw = sum(block_nbytes(b) for b in blocks.values())
         assert s["disk_writes"] == 4 and s["disk_bytes_written"] == files and s["disk_bytes_written_raw"] == raw
         assert s["compression_ratio"] == raw / files
@@ -482,6 +482,32 @@ def test_a_block_bigger_than_the_ram_tier_is_refused_too(tmp_path):
     with TieredStore(tmp_path, fast_bytes=1024, ram_bytes=256) as store:
         with pytest.raises(ValueError, match="more than the ram tier's capacity of 256 bytes"):
             store.put("a", {"w": torch.zeros(100)})
+
+
+def test_one_store_per_directory_and_the_lock_is_released_on_close(tmp_path):
+    first = TieredStore(tmp_path)
+    first.put("a", {"w": torch.ones(3)})
+    with pytest.raises(RuntimeError, match=rf"already open in another TieredStore \(process {os.getpid()}\)"):
+        TieredStore(tmp_path)
+    first.close()
+    with TieredStore(tmp_path) as second:                       # the lock went with close()
+        assert torch.equal(second.get("a")["w"], torch.ones(3))
+
+
+def test_a_second_process_cannot_open_the_directory_nor_delete_a_live_writers_temp_file(tmp_path):
+    import subprocess
+    import sys
+    first = TieredStore(tmp_path)
+    live_temp = tmp_path / ".a.blk.inflight.tmp"               # as a write in progress names its temp file
+    live_temp.write_bytes(b"half a block")
+    script = ("import sys; from refimpl.store import TieredStore\n"
+              "try:\n    TieredStore(sys.argv[1])\nexcept RuntimeError as err:\n    print(err); sys.exit(3)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3 and "already open in another TieredStore" in done.stdout, done.stderr[-2000:]
+    assert live_temp.exists()
+    first.close()
+    with TieredStore(tmp_path) as after:                        # now the writer is gone: its temp file is stale
+        assert after.removed_temp_files == [live_temp.name]
 
 
 def test_missing_keys_and_a_closed_store(tmp_path):
