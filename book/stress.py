@@ -22,13 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "build" / "stress"
 
-# suite -> (the tests, which option sets its number of runs)
+# suite -> (pytest arguments that select its tests, which option sets its number of runs). The first suite is
+# every test in which a second thread or process takes part: the store's prefetch thread and its writer lock,
+# the CUDA simulator's threads, the timer, the offloaded training that prefetches.
+THREAD_TESTS = ("prefetch or random_access or second_process or one_store_per_directory or crash_mid_write"
+                " or every_thread_of_a_block or time_cpu or offloaded_training")
 SUITES = {
-    "threads and store": (["tests/test_store.py", "tests/test_simulator.py",
-                           "tests/test_bench.py::test_time_cpu_median_is_sane_and_warmup_is_excluded",
-                           "tests/test_bench.py::test_time_cpu_runs_until_min_seconds_and_passes_args",
-                           "tests/test_sintellix.py::test_offloaded_training_equals_training_in_memory"],
-                          "thread_runs"),
+    "threads and store": (["tests/test_store.py", "tests/test_simulator.py", "tests/test_bench.py",
+                           "tests/test_sintellix.py", "-k", THREAD_TESTS], "thread_runs"),
     "notebook start": (["tests/test_notebook_run.py"], "notebook_runs"),
     "browser": (["tests/test_browser.py"], "browser_runs"),
 }
@@ -69,7 +70,7 @@ def run_suite(name: str, tests: list[str], runs: int) -> dict:
     report = OUT / f"{name.replace(' ', '_')}.xml"
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--count={runs}",
                "--repeat-scope=session", f"--junitxml={report}", *tests]
-    print(f"== {name}: {' '.join(tests)}, {runs} runs", flush=True)
+    print(f"== {name}: {' '.join(tests)}; {runs} runs", flush=True)
     started = time.monotonic()
     subprocess.run(command, cwd=ROOT)
     seconds = time.monotonic() - started

@@ -9,10 +9,15 @@ from book import stress
 
 @pytest.mark.parametrize("suite", sorted(stress.SUITES))
 def test_every_stressed_test_exists(suite):
-    for test in stress.SUITES[suite][0]:
-        path, _, name = test.partition("::")
-        source = (stress.ROOT / path).read_text()
-        assert not name or f"def {name}(" in source, f"{suite}: {test} is not there"
+    paths = [a for a in stress.SUITES[suite][0] if a.startswith("tests/")]
+    assert paths and all((stress.ROOT / p).is_file() for p in paths), f"{suite}: {paths}"
+
+
+def test_every_word_of_the_thread_selection_picks_a_test():
+    source = "\n".join((stress.ROOT / p).read_text() for p in stress.SUITES["threads and store"][0]
+                       if p.startswith("tests/"))
+    for word in stress.THREAD_TESTS.split(" or "):
+        assert f"def test_{word}" in source or f"_{word}" in source, f"{word!r} selects no test"
 
 
 def test_failures_and_errors_are_counted_and_named(tmp_path):
