@@ -54,9 +54,10 @@ import numpy as np
 import torch
 from numba import cuda
 
+from kernels import launch
 from kernels.registry import register
-from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
-                             new_output, numba_cuda_stream, numba_cuda_view, numpy_view, threads_per_block)
+from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, new_output,
+                             numba_cuda_view, numpy_view)
 from refimpl import optim
 
 register("adam_clip_step", "reference")(optim.adam_clip_step)
@@ -97,7 +98,7 @@ def _norm_output(norm_sq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _reduce_blocks(N: int, threads: int) -> int:
     from kernels.machine import cuda_simulator_enabled
     cap = SIMULATOR_REDUCE_BLOCKS if cuda_simulator_enabled() else MAX_REDUCE_BLOCKS
-    return max(1, min((N + threads - 1) // threads, cap))
+    return max(1, min(launch.grid_for(N, threads), cap))
 
 
 # ---------------------------------------------------------------- numba (CPU)
@@ -197,12 +198,11 @@ def adam_clip_step_numba_cuda(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3
     updated in place. Returns the norm (0-dim, on the device)."""
     N, step_size, bc2_sqrt = _prepare(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
                                       max_norm, "numba_cuda", (torch.float32,))
-    threads = threads_per_block()                           # 32 or 128: a power of two <= REDUCE_BLOCK
+    threads = launch.block_size()                           # 32 or 128: a power of two <= REDUCE_BLOCK
     norm_sq = torch.zeros(1, dtype=torch.float64, device=param.device)   # the accumulator must start at 0
-    stream = numba_cuda_stream()
-    _sum_of_squares_v1[_reduce_blocks(N, threads), threads, stream](numba_cuda_view(grad), numba_cuda_view(norm_sq))
+    launch.numba_cuda(_sum_of_squares_v1, _reduce_blocks(N, threads), threads, numba_cuda_view(grad), numba_cuda_view(norm_sq))
     f32 = np.float32
-    _adam_update_v1[(N + threads - 1) // threads, threads, stream](
+    launch.numba_cuda(_adam_update_v1, launch.grid_for(N, threads), threads,
         numba_cuda_view(param), numba_cuda_view(grad), numba_cuda_view(exp_avg), numba_cuda_view(exp_avg_sq),
         numba_cuda_view(norm_sq), max_norm is not None, np.float64(max_norm or 0.0), f32(beta1), f32(beta2),
         f32(1 - beta1), f32(1 - beta2), f32(step_size), f32(bc2_sqrt), f32(eps), f32(weight_decay))
@@ -223,17 +223,14 @@ def adam_clip_step_cupy(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta
     N, step_size, bc2_sqrt = _prepare(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
                                       max_norm, "cupy", (torch.float32,))
     norm_sq = torch.zeros(1, dtype=torch.float64, device=param.device)
-    module, threads = cupy_module(CU_SOURCE), 128            # the update: any block size
-    with cupy_stream():
-        module.get_function("adam_sum_of_squares")(
-            (_reduce_blocks(N, CUPY_REDUCE_BLOCK),), (CUPY_REDUCE_BLOCK,),
-            (cupy_view(grad), cupy_view(norm_sq), np.int64(N)))
-        module.get_function("adam_clip_update")(
-            ((N + threads - 1) // threads,), (threads,),
-            (cupy_view(param), cupy_view(grad), cupy_view(exp_avg), cupy_view(exp_avg_sq), cupy_view(norm_sq),
-             np.int64(N), np.int32(max_norm is not None), np.float64(max_norm or 0.0), np.float32(beta1),
-             np.float32(beta2), np.float32(1 - beta1), np.float32(1 - beta2), np.float32(step_size),
-             np.float32(bc2_sqrt), np.float32(eps), np.float32(weight_decay)))
+    threads = launch.GPU_BLOCK                                    # the update: any block size
+    launch.cupy(CU_SOURCE, "adam_sum_of_squares", _reduce_blocks(N, CUPY_REDUCE_BLOCK), CUPY_REDUCE_BLOCK,
+                (cupy_view(grad), cupy_view(norm_sq), np.int64(N)))
+    launch.cupy(CU_SOURCE, "adam_clip_update", launch.grid_for(N, threads), threads,
+                (cupy_view(param), cupy_view(grad), cupy_view(exp_avg), cupy_view(exp_avg_sq), cupy_view(norm_sq),
+                 np.int64(N), np.int32(max_norm is not None), np.float64(max_norm or 0.0), np.float32(beta1),
+                 np.float32(beta2), np.float32(1 - beta1), np.float32(1 - beta2), np.float32(step_size),
+                 np.float32(bc2_sqrt), np.float32(eps), np.float32(weight_decay)))
     _mark_written(param, exp_avg, exp_avg_sq)
     return _norm_output(norm_sq, param.dtype)
 

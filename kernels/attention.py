@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from numba import cuda
 
+from kernels import launch
 from kernels.registry import register
-from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
-                             forward_only, new_output, numba_cuda_stream, numba_cuda_view, numpy_view,
-                             threads_per_block)
+from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
+                             numba_cuda_view, numpy_view)
 from refimpl import ops
 
 register("attention", "reference")(ops.attention)
@@ -142,9 +142,9 @@ def attention_numba_cuda(q, k, v, *, causal=True, window=None, scale=None):
     """numba CUDA attention, v1: one thread per query row. q: [B, T, H, D], k, v: [B, S, G, D] float32 -> [B, T, H, D]."""
     (B, T, H, _, _, _), scale, window_arg, out = _prepare(q, k, v, causal, window, scale, "numba_cuda",
                                                          (torch.float32,))
-    threads = threads_per_block()
+    threads = launch.block_size()
     rows = B * T * H
-    _attention_v1_thread_per_row[(rows + threads - 1) // threads, threads, numba_cuda_stream()](
+    launch.numba_cuda(_attention_v1_thread_per_row, launch.grid_for(rows, threads), threads,
         numba_cuda_view(q), numba_cuda_view(k), numba_cuda_view(v), bool(causal), window_arg,
         np.float32(scale), numba_cuda_view(out))
     return out
@@ -160,13 +160,11 @@ CUPY_ENTRY_POINTS = ("attention_row_per_thread",)  # the kernels this file launc
 def attention_cupy(q, k, v, *, causal=True, window=None, scale=None):
     """CuPy attention, one thread per query row (attention.cu). q: [B, T, H, D], k, v: [B, S, G, D] float32 CUDA -> [B, T, H, D]."""
     (B, T, H, S, G, D), scale, window_arg, out = _prepare(q, k, v, causal, window, scale, "cupy", (torch.float32,))
-    kernel = cupy_module(CU_SOURCE).get_function("attention_row_per_thread")
-    rows, threads = B * T * H, 128
-    with cupy_stream():
-        kernel(((rows + threads - 1) // threads,), (threads,),
-               (cupy_view(q), cupy_view(k), cupy_view(v), cupy_view(out),
-                np.int32(B), np.int32(T), np.int32(H), np.int32(S), np.int32(G), np.int32(D),
-                np.int32(bool(causal)), np.int32(window_arg), np.float32(scale)))
+    rows, threads = B * T * H, launch.GPU_BLOCK
+    launch.cupy(CU_SOURCE, "attention_row_per_thread", launch.grid_for(rows, threads), threads,
+                (cupy_view(q), cupy_view(k), cupy_view(v), cupy_view(out),
+                 np.int32(B), np.int32(T), np.int32(H), np.int32(S), np.int32(G), np.int32(D),
+                 np.int32(bool(causal)), np.int32(window_arg), np.float32(scale)))
     return out
 
 

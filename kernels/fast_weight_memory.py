@@ -40,10 +40,10 @@ import numpy as np
 import torch
 from numba import cuda
 
+from kernels import launch
 from kernels.registry import register
-from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
-                             forward_only, new_output, numba_cuda_stream, numba_cuda_view, numpy_view,
-                             threads_per_block)
+from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
+                             numba_cuda_view, numpy_view)
 from refimpl import synapse
 
 register("fast_weight_memory", "reference")(synapse.fast_weight_memory)
@@ -139,8 +139,8 @@ def fast_weight_memory_numba_cuda(q, k, v, gate, decay=0.95, strength=0.1, initi
     Returns (reads [B, T, H, Dv], W [B, H, Dk, Dv])."""
     (B, T, H, Dk, Dv), reads, W = _prepare(q, k, v, gate, decay, strength, initial_state, "numba_cuda",
                                            (torch.float32,))
-    threads, columns = threads_per_block(), B * H * Dv
-    _fast_weight_memory_v1_column_per_thread[(columns + threads - 1) // threads, threads, numba_cuda_stream()](
+    threads, columns = launch.block_size(), B * H * Dv
+    launch.numba_cuda(_fast_weight_memory_v1_column_per_thread, launch.grid_for(columns, threads), threads,
         numba_cuda_view(q), numba_cuda_view(k), numba_cuda_view(v), numba_cuda_view(gate), np.float32(decay),
         np.float32(strength), numba_cuda_view(reads), numba_cuda_view(W))
     return reads, W
@@ -157,13 +157,11 @@ def fast_weight_memory_cupy(q, k, v, gate, decay=0.95, strength=0.1, initial_sta
     """CuPy fast-weight memory (a thread per column of W), float32 CUDA.
     Returns (reads [B, T, H, Dv], W [B, H, Dk, Dv])."""
     (B, T, H, Dk, Dv), reads, W = _prepare(q, k, v, gate, decay, strength, initial_state, "cupy", (torch.float32,))
-    columns, threads = B * H * Dv, 128                        # any block size works: threads never cooperate
-    with cupy_stream():
-        cupy_module(CU_SOURCE).get_function("fast_weight_column_per_thread")(
-            ((columns + threads - 1) // threads,), (threads,),
-            (cupy_view(q), cupy_view(k), cupy_view(v), cupy_view(gate), cupy_view(reads), cupy_view(W),
-             np.int32(B), np.int32(T), np.int32(H), np.int32(Dk), np.int32(Dv), np.float32(decay),
-             np.float32(strength)))
+    columns, threads = B * H * Dv, launch.GPU_BLOCK                        # any block size works: threads never cooperate
+    launch.cupy(CU_SOURCE, "fast_weight_column_per_thread", launch.grid_for(columns, threads), threads,
+                (cupy_view(q), cupy_view(k), cupy_view(v), cupy_view(gate), cupy_view(reads), cupy_view(W),
+                 np.int32(B), np.int32(T), np.int32(H), np.int32(Dk), np.int32(Dv), np.float32(decay),
+                 np.float32(strength)))
     return reads, W
 
 

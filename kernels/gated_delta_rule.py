@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from numba import cuda
 
+from kernels import launch
 from kernels.registry import register
-from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
-                             forward_only, new_output, numba_cuda_stream, numba_cuda_view, numpy_view,
-                             threads_per_block)
+from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
+                             numba_cuda_view, numpy_view)
 from refimpl import gated_deltanet
 
 register("gated_delta_rule", "reference")(gated_deltanet.gated_delta_rule)
@@ -133,8 +133,8 @@ def gated_delta_rule_numba_cuda(q, k, v, g, beta, initial_state=None, scale=None
     """numba CUDA gated delta rule (v1: a thread per state row), float32. Returns (o [B, T, H, V], state [B, H, V, K])."""
     (B, T, H, K, V), scale, out, state = _prepare(q, k, v, g, beta, initial_state, scale, "numba_cuda",
                                                   (torch.float32,))
-    threads, rows = threads_per_block(), B * H * V
-    _gated_delta_rule_v1_row_per_thread[(rows + threads - 1) // threads, threads, numba_cuda_stream()](
+    threads, rows = launch.block_size(), B * H * V
+    launch.numba_cuda(_gated_delta_rule_v1_row_per_thread, launch.grid_for(rows, threads), threads,
         numba_cuda_view(q), numba_cuda_view(k), numba_cuda_view(v), numba_cuda_view(g), numba_cuda_view(beta),
         np.float32(scale), numba_cuda_view(out), numba_cuda_view(state))
     return out, state
@@ -150,12 +150,10 @@ CUPY_ENTRY_POINTS = ("gated_delta_rule_row_per_thread",)  # the kernels this fil
 def gated_delta_rule_cupy(q, k, v, g, beta, initial_state=None, scale=None):
     """CuPy gated delta rule (a thread per state row), float32 CUDA. Returns (o [B, T, H, V], state [B, H, V, K])."""
     (B, T, H, K, V), scale, out, state = _prepare(q, k, v, g, beta, initial_state, scale, "cupy", (torch.float32,))
-    rows, threads = B * H * V, 128                            # any block size works: threads never cooperate
-    with cupy_stream():
-        cupy_module(CU_SOURCE).get_function("gated_delta_rule_row_per_thread")(
-            ((rows + threads - 1) // threads,), (threads,),
-            (cupy_view(q), cupy_view(k), cupy_view(v), cupy_view(g), cupy_view(beta), cupy_view(out),
-             cupy_view(state), np.int32(B), np.int32(T), np.int32(H), np.int32(K), np.int32(V), np.float32(scale)))
+    rows, threads = B * H * V, launch.GPU_BLOCK                            # any block size works: threads never cooperate
+    launch.cupy(CU_SOURCE, "gated_delta_rule_row_per_thread", launch.grid_for(rows, threads), threads,
+                (cupy_view(q), cupy_view(k), cupy_view(v), cupy_view(g), cupy_view(beta), cupy_view(out),
+                 cupy_view(state), np.int32(B), np.int32(T), np.int32(H), np.int32(K), np.int32(V), np.float32(scale)))
     return out, state
 
 

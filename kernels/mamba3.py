@@ -55,10 +55,10 @@ import numpy as np
 import torch
 from numba import cuda
 
+from kernels import launch
 from kernels.registry import register
-from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
-                             forward_only, new_output, numba_cuda_stream, numba_cuda_view, numpy_view,
-                             threads_per_block)
+from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
+                             numba_cuda_view, numpy_view)
 from refimpl import mamba3
 
 register("mamba3_scan", "reference")(mamba3.mamba3_scan)
@@ -295,8 +295,8 @@ def mamba3_scan_numba_cuda(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, init
     (Bsz, T, H, R, P, N, K), inputs, outputs = _prepare(x, dt, A, Bm, Cm, theta, trap, D, initial_state,
                                                         "numba_cuda", (torch.float32,))
     i, o = inputs, outputs
-    threads, rows = threads_per_block(), Bsz * H * P
-    _mamba3_scan_v1_row_per_thread[(rows + threads - 1) // threads, threads, numba_cuda_stream()](
+    threads, rows = launch.block_size(), Bsz * H * P
+    launch.numba_cuda(_mamba3_scan_v1_row_per_thread, launch.grid_for(rows, threads), threads,
         numba_cuda_view(x), numba_cuda_view(dt), numba_cuda_view(A), numba_cuda_view(Bm), numba_cuda_view(Cm),
         numba_cuda_view(i["theta"]), numba_cuda_view(i["trap"]), numba_cuda_view(i["D"]),
         numba_cuda_view(i["angle0"]), numba_cuda_view(i["B_prev0"]), numba_cuda_view(i["x_prev0"]), K,
@@ -317,15 +317,13 @@ def mamba3_scan_cupy(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initial_st
     (Bsz, T, H, R, P, N, K), inputs, outputs = _prepare(x, dt, A, Bm, Cm, theta, trap, D, initial_state,
                                                         "cupy", (torch.float32,))
     i, o = inputs, outputs
-    rows, threads = Bsz * H * P, 128                         # any block size works: threads never cooperate
-    with cupy_stream():
-        cupy_module(CU_SOURCE).get_function("mamba3_scan_row_per_thread")(
-            ((rows + threads - 1) // threads,), (threads,),
-            (cupy_view(x), cupy_view(dt), cupy_view(A), cupy_view(Bm), cupy_view(Cm), cupy_view(i["theta"]),
-             cupy_view(i["trap"]), cupy_view(i["D"]), cupy_view(i["angle0"]), cupy_view(i["B_prev0"]),
-             cupy_view(i["x_prev0"]), cupy_view(o["y"]), cupy_view(o["h"]), cupy_view(o["angle"]),
-             cupy_view(o["B_prev"]), cupy_view(o["x_prev"]),
-             np.int32(Bsz), np.int32(T), np.int32(H), np.int32(R), np.int32(P), np.int32(N), np.int32(K)))
+    rows, threads = Bsz * H * P, launch.GPU_BLOCK                         # any block size works: threads never cooperate
+    launch.cupy(CU_SOURCE, "mamba3_scan_row_per_thread", launch.grid_for(rows, threads), threads,
+                (cupy_view(x), cupy_view(dt), cupy_view(A), cupy_view(Bm), cupy_view(Cm), cupy_view(i["theta"]),
+                 cupy_view(i["trap"]), cupy_view(i["D"]), cupy_view(i["angle0"]), cupy_view(i["B_prev0"]),
+                 cupy_view(i["x_prev0"]), cupy_view(o["y"]), cupy_view(o["h"]), cupy_view(o["angle"]),
+                 cupy_view(o["B_prev"]), cupy_view(o["x_prev"]),
+                 np.int32(Bsz), np.int32(T), np.int32(H), np.int32(R), np.int32(P), np.int32(N), np.int32(K)))
     return _result(outputs, K, initial_state)
 
 

@@ -46,10 +46,10 @@ import numpy as np
 import torch
 from numba import cuda
 
+from kernels import launch
 from kernels.registry import register
-from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
-                             forward_only, new_output, numba_cuda_stream, numba_cuda_view, numpy_view,
-                             threads_per_block)
+from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
+                             numba_cuda_view, numpy_view)
 from refimpl import synapse
 
 register("mlstm", "reference")(synapse.mlstm)
@@ -188,8 +188,8 @@ def mlstm_numba_cuda(q, k, v, i_pre, f_pre, initial_state=None):
     """numba CUDA stabilised mLSTM (v1: a thread per row of C), float32. Returns (h [B, T, H, Dv], (C, n, m))."""
     (B, T, H, Dk, Dv), h, C, n0, m0, n, m = _prepare(q, k, v, i_pre, f_pre, initial_state, "numba_cuda",
                                                       (torch.float32,))
-    threads, rows = threads_per_block(), B * H * Dv
-    _mlstm_v1_row_per_thread[(rows + threads - 1) // threads, threads, numba_cuda_stream()](
+    threads, rows = launch.block_size(), B * H * Dv
+    launch.numba_cuda(_mlstm_v1_row_per_thread, launch.grid_for(rows, threads), threads,
         numba_cuda_view(q), numba_cuda_view(k), numba_cuda_view(v), numba_cuda_view(i_pre), numba_cuda_view(f_pre),
         np.float32(1.0 / math.sqrt(Dk)), numba_cuda_view(n0), numba_cuda_view(m0),
         numba_cuda_view(h), numba_cuda_view(C), numba_cuda_view(n), numba_cuda_view(m))
@@ -207,13 +207,11 @@ def mlstm_cupy(q, k, v, i_pre, f_pre, initial_state=None):
     """CuPy stabilised mLSTM (a thread per row of C), float32 CUDA. Returns (h [B, T, H, Dv], (C, n, m))."""
     (B, T, H, Dk, Dv), h, C, n0, m0, n, m = _prepare(q, k, v, i_pre, f_pre, initial_state, "cupy",
                                                       (torch.float32,))
-    rows, threads = B * H * Dv, 128                           # any block size works: threads never cooperate
-    with cupy_stream():
-        cupy_module(CU_SOURCE).get_function("mlstm_row_per_thread")(
-            ((rows + threads - 1) // threads,), (threads,),
-            (cupy_view(q), cupy_view(k), cupy_view(v), cupy_view(i_pre), cupy_view(f_pre), cupy_view(n0),
-             cupy_view(m0), cupy_view(h), cupy_view(C), cupy_view(n), cupy_view(m),
-             np.int32(B), np.int32(T), np.int32(H), np.int32(Dk), np.int32(Dv), np.float32(1.0 / math.sqrt(Dk))))
+    rows, threads = B * H * Dv, launch.GPU_BLOCK                           # any block size works: threads never cooperate
+    launch.cupy(CU_SOURCE, "mlstm_row_per_thread", launch.grid_for(rows, threads), threads,
+                (cupy_view(q), cupy_view(k), cupy_view(v), cupy_view(i_pre), cupy_view(f_pre), cupy_view(n0),
+                 cupy_view(m0), cupy_view(h), cupy_view(C), cupy_view(n), cupy_view(m),
+                 np.int32(B), np.int32(T), np.int32(H), np.int32(Dk), np.int32(Dv), np.float32(1.0 / math.sqrt(Dk))))
     return h, (C, n, m)
 
 

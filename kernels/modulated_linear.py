@@ -48,10 +48,10 @@ import numpy as np
 import torch
 from numba import cuda
 
+from kernels import launch
 from kernels.registry import register
-from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
-                             forward_only, new_output, numba_cuda_stream, numba_cuda_view, numpy_view,
-                             threads_per_block)
+from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
+                             numba_cuda_view, numpy_view)
 from refimpl import geometric
 
 register("modulated_linear", "reference")(geometric.modulated_linear)
@@ -159,7 +159,7 @@ def _modulated_linear_v1_row_per_block(x, W, U, V, P, Q, cos, sin, y):
 def modulated_linear_numba_cuda(x, weight, U, V, P, Q, cos, sin):
     """numba CUDA modulated linear (v1: a block per row, coefficients in shared memory), float32. Returns y [N, O]."""
     (N, I, O, M, r), y = _prepare(x, weight, U, V, P, Q, cos, sin, "numba_cuda", (torch.float32,))
-    _modulated_linear_v1_row_per_block[N, threads_per_block(MAX_THREADS), numba_cuda_stream()](
+    launch.numba_cuda(_modulated_linear_v1_row_per_block, N, launch.block_size(MAX_THREADS),
         numba_cuda_view(x), numba_cuda_view(weight), numba_cuda_view(U), numba_cuda_view(V), numba_cuda_view(P),
         numba_cuda_view(Q), numba_cuda_view(cos), numba_cuda_view(sin), numba_cuda_view(y))
     return y
@@ -175,12 +175,10 @@ CUPY_ENTRY_POINTS = ("modulated_linear_row_per_block",)  # the kernels this file
 def modulated_linear_cupy(x, weight, U, V, P, Q, cos, sin):
     """CuPy modulated linear (a block per row, coefficients in shared memory), float32 CUDA. Returns y [N, O]."""
     (N, I, O, M, r), y = _prepare(x, weight, U, V, P, Q, cos, sin, "cupy", (torch.float32,))
-    with cupy_stream():
-        cupy_module(CU_SOURCE).get_function("modulated_linear_row_per_block")(
-            (N,), (MAX_THREADS,),
-            (cupy_view(x), cupy_view(weight), cupy_view(U), cupy_view(V), cupy_view(P), cupy_view(Q),
-             cupy_view(cos), cupy_view(sin), cupy_view(y), np.int32(N), np.int32(I), np.int32(O), np.int32(M),
-             np.int32(r)))
+    launch.cupy(CU_SOURCE, "modulated_linear_row_per_block", N, MAX_THREADS,
+                (cupy_view(x), cupy_view(weight), cupy_view(U), cupy_view(V), cupy_view(P), cupy_view(Q),
+                 cupy_view(cos), cupy_view(sin), cupy_view(y), np.int32(N), np.int32(I), np.int32(O), np.int32(M),
+                 np.int32(r)))
     return y
 
 

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from numba import cuda
 
+from kernels import launch
 from kernels.registry import register
-from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
-                             forward_only, new_output, numba_cuda_stream, numba_cuda_view, numpy_view,
-                             threads_per_block)
+from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
+                             numba_cuda_view, numpy_view)
 from refimpl import ops
 
 register("moe_dispatch", "reference")(ops.moe_dispatch)
@@ -169,13 +169,13 @@ def moe_dispatch_numba_cuda(x, expert_index, n_experts):
     (N, C, k), flat, x_sorted, offsets, slot, source = _prepare_dispatch(
         x, expert_index, n_experts, "numba_cuda", (torch.float32,))
     counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device)
-    threads, stream = threads_per_block(), numba_cuda_stream()
+    threads = launch.block_size()
     flat_d, offsets_d = numba_cuda_view(flat), numba_cuda_view(offsets)
     slot_d, source_d = numba_cuda_view(slot), numba_cuda_view(source)
-    _count_copies[(N * k + threads - 1) // threads, threads, stream](flat_d, numba_cuda_view(counts))
-    _exclusive_scan_one_thread[1, 1, stream](numba_cuda_view(counts), offsets_d)
-    _place_copies_per_expert[(n_experts + threads - 1) // threads, threads, stream](flat_d, k, offsets_d, slot_d, source_d)
-    _gather_rows[N * k, threads, stream](numba_cuda_view(x), source_d, numba_cuda_view(x_sorted))
+    launch.numba_cuda(_count_copies, launch.grid_for(N * k, threads), threads, flat_d, numba_cuda_view(counts))
+    launch.numba_cuda(_exclusive_scan_one_thread, 1, 1, numba_cuda_view(counts), offsets_d)
+    launch.numba_cuda(_place_copies_per_expert, launch.grid_for(n_experts, threads), threads, flat_d, k, offsets_d, slot_d, source_d)
+    launch.numba_cuda(_gather_rows, N * k, threads, numba_cuda_view(x), source_d, numba_cuda_view(x_sorted))
     return x_sorted, offsets, slot.view(N, k)
 
 
@@ -183,7 +183,7 @@ def moe_dispatch_numba_cuda(x, expert_index, n_experts):
 def moe_combine_numba_cuda(expert_out, slot, weight):
     """numba CUDA combine (v1), a block per token. expert_out: [N*k, C], slot, weight: [N, k] float32 -> y [N, C]."""
     (N, C, k), slot64, out = _prepare_combine(expert_out, slot, weight, "numba_cuda", (torch.float32,))
-    _combine_rows[N, threads_per_block(), numba_cuda_stream()](
+    launch.numba_cuda(_combine_rows, N, launch.block_size(),
         numba_cuda_view(expert_out), numba_cuda_view(slot64), numba_cuda_view(weight), numba_cuda_view(out))
     return out
 
@@ -195,25 +195,19 @@ CUPY_ENTRY_POINTS = ("count_copies", "exclusive_scan_one_thread", "place_copies_
                      "combine_rows")  # the kernels this file launches
 
 
-def _blocks(n: int, threads: int) -> tuple[int]:
-    return ((n + threads - 1) // threads,)
-
-
 @register("moe_dispatch", "cupy")
 def moe_dispatch_cupy(x, expert_index, n_experts):
     """CuPy dispatch (moe.cu). x: [N, C] float32 CUDA, expert_index: [N, k] -> x_sorted [N*k, C], offsets [E+1], slot [N, k]."""
     (N, C, k), flat, x_sorted, offsets, slot, source = _prepare_dispatch(
         x, expert_index, n_experts, "cupy", (torch.float32,))
     counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device)
-    module, threads, Nk = cupy_module(CU_SOURCE), 128, N * k
+    threads, Nk = launch.GPU_BLOCK, N * k
     flat_c, offsets_c, slot_c, source_c = cupy_view(flat), cupy_view(offsets), cupy_view(slot), cupy_view(source)
-    with cupy_stream():
-        module.get_function("count_copies")(_blocks(Nk, threads), (threads,), (flat_c, cupy_view(counts), np.int64(Nk)))
-        module.get_function("exclusive_scan_one_thread")((1,), (1,), (cupy_view(counts), offsets_c, np.int32(n_experts)))
-        module.get_function("place_copies_per_expert")(
-            _blocks(n_experts, threads), (threads,), (flat_c, np.int64(Nk), np.int32(k), offsets_c, slot_c, source_c,
-                                                      np.int32(n_experts)))
-        module.get_function("gather_rows")((Nk,), (threads,), (cupy_view(x), source_c, cupy_view(x_sorted), np.int32(C)))
+    launch.cupy(CU_SOURCE, "count_copies", launch.grid_for(Nk, threads), threads, (flat_c, cupy_view(counts), np.int64(Nk)))
+    launch.cupy(CU_SOURCE, "exclusive_scan_one_thread", 1, 1, (cupy_view(counts), offsets_c, np.int32(n_experts)))
+    launch.cupy(CU_SOURCE, "place_copies_per_expert", launch.grid_for(n_experts, threads), threads,
+                (flat_c, np.int64(Nk), np.int32(k), offsets_c, slot_c, source_c, np.int32(n_experts)))
+    launch.cupy(CU_SOURCE, "gather_rows", Nk, threads, (cupy_view(x), source_c, cupy_view(x_sorted), np.int32(C)))
     return x_sorted, offsets, slot.view(N, k)
 
 
@@ -221,10 +215,8 @@ def moe_dispatch_cupy(x, expert_index, n_experts):
 def moe_combine_cupy(expert_out, slot, weight):
     """CuPy combine (moe.cu), a block per token. expert_out: [N*k, C], slot, weight: [N, k] float32 CUDA -> y [N, C]."""
     (N, C, k), slot64, out = _prepare_combine(expert_out, slot, weight, "cupy", (torch.float32,))
-    with cupy_stream():
-        cupy_module(CU_SOURCE).get_function("combine_rows")(
-            (N,), (128,), (cupy_view(expert_out), cupy_view(slot64), cupy_view(weight), cupy_view(out),
-                           np.int32(C), np.int32(k)))
+    launch.cupy(CU_SOURCE, "combine_rows", N, launch.GPU_BLOCK,
+                (cupy_view(expert_out), cupy_view(slot64), cupy_view(weight), cupy_view(out), np.int32(C), np.int32(k)))
     return out
 
 

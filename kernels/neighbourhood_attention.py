@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from numba import cuda
 
+from kernels import launch
 from kernels.registry import register
-from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
-                             forward_only, new_output, numba_cuda_stream, numba_cuda_view, numpy_view,
-                             threads_per_block)
+from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
+                             numba_cuda_view, numpy_view)
 from refimpl import grid_attention
 
 register("neighbourhood_attention", "reference")(grid_attention.neighbourhood_attention)
@@ -146,8 +146,8 @@ def _neighbourhood_attention_v1_query_per_thread(q, k, v, radius, scale, out):
 def neighbourhood_attention_numba_cuda(q, k, v, radius=1):
     """numba CUDA neighbourhood attention, v1: a thread per (b, neuron, h). q, k, v: [B, X, Y, Z, H, D] float32."""
     (B, X, Y, Z, H, _), radius, scale, out = _prepare(q, k, v, radius, "numba_cuda", (torch.float32,))
-    threads, queries = threads_per_block(), B * X * Y * Z * H
-    _neighbourhood_attention_v1_query_per_thread[(queries + threads - 1) // threads, threads, numba_cuda_stream()](
+    threads, queries = launch.block_size(), B * X * Y * Z * H
+    launch.numba_cuda(_neighbourhood_attention_v1_query_per_thread, launch.grid_for(queries, threads), threads,
         numba_cuda_view(q), numba_cuda_view(k), numba_cuda_view(v), radius, np.float32(scale), numba_cuda_view(out))
     return out
 
@@ -163,13 +163,11 @@ def neighbourhood_attention_cupy(q, k, v, radius=1):
     """CuPy neighbourhood attention, a thread per query (neighbourhood_attention.cu). q, k, v: [B, X, Y, Z, H, D]
     float32 CUDA -> same shape."""
     (B, X, Y, Z, H, D), radius, scale, out = _prepare(q, k, v, radius, "cupy", (torch.float32,))
-    queries, threads = B * X * Y * Z * H, 128               # any block size works: threads never cooperate
-    with cupy_stream():
-        cupy_module(CU_SOURCE).get_function("neighbourhood_attention_query_per_thread")(
-            ((queries + threads - 1) // threads,), (threads,),
-            (cupy_view(q), cupy_view(k), cupy_view(v), cupy_view(out),
-             np.int32(B), np.int32(X), np.int32(Y), np.int32(Z), np.int32(H), np.int32(D),
-             np.int32(radius), np.float32(scale)))
+    queries, threads = B * X * Y * Z * H, launch.GPU_BLOCK               # any block size works: threads never cooperate
+    launch.cupy(CU_SOURCE, "neighbourhood_attention_query_per_thread", launch.grid_for(queries, threads), threads,
+                (cupy_view(q), cupy_view(k), cupy_view(v), cupy_view(out),
+                 np.int32(B), np.int32(X), np.int32(Y), np.int32(Z), np.int32(H), np.int32(D),
+                 np.int32(radius), np.float32(scale)))
     return out
 
 

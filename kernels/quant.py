@@ -70,10 +70,10 @@ import numpy as np
 import torch
 from numba import cuda
 
+from kernels import launch
 from kernels.registry import register
-from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
-                             forward_only, new_output, numba_cuda_stream, numba_cuda_view, numpy_view,
-                             threads_per_block)
+from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
+                             numba_cuda_view, numpy_view)
 from refimpl import quant
 
 register("pack_bits", "reference")(quant.pack_bits)
@@ -278,17 +278,13 @@ def _dequantize_v1_group_per_thread(packed, scale, bits, out):
             out[r, g * per_group + j] = numba.float32(codes[j] - (1 << (bits - 1))) * s
 
 
-def _blocks(total: int, threads: int) -> int:
-    return (total + threads - 1) // threads
-
-
 @register("pack_bits", "numba_cuda")
 def pack_bits_numba_cuda(q, bits):
     """numba CUDA pack (v1: a thread per group): integer tensor [..., n] -> uint8 [..., packed_length(n, bits)]."""
     values, rows_out, packed, total = _prepare_pack(q, bits, "numba_cuda")
     if total:
-        threads = threads_per_block()
-        _pack_v1_group_per_thread[_blocks(total, threads), threads, numba_cuda_stream()](
+        threads = launch.block_size()
+        launch.numba_cuda(_pack_v1_group_per_thread, launch.grid_for(total, threads), threads,
             numba_cuda_view(values), bits, numba_cuda_view(rows_out))
     return packed
 
@@ -298,8 +294,8 @@ def unpack_bits_numba_cuda(packed, n, bits):
     """numba CUDA unpack (v1: a thread per group): uint8 [..., packed_length(n, bits)] -> int8 [..., n]."""
     rows_in, rows_out, out, total = _prepare_unpack(packed, n, bits, "numba_cuda")
     if total:
-        threads = threads_per_block()
-        _unpack_v1_group_per_thread[_blocks(total, threads), threads, numba_cuda_stream()](
+        threads = launch.block_size()
+        launch.numba_cuda(_unpack_v1_group_per_thread, launch.grid_for(total, threads), threads,
             numba_cuda_view(rows_in), bits, numba_cuda_view(rows_out))
     return out
 
@@ -310,8 +306,8 @@ def dequantize_packed_numba_cuda(packed, scale, n, bits):
     -> float32 [R, n]."""
     out, total = _prepare_dequantize(packed, scale, n, bits, "numba_cuda", (torch.float32,))
     if total:
-        threads = threads_per_block()
-        _dequantize_v1_group_per_thread[_blocks(total, threads), threads, numba_cuda_stream()](
+        threads = launch.block_size()
+        launch.numba_cuda(_dequantize_v1_group_per_thread, launch.grid_for(total, threads), threads,
             numba_cuda_view(packed), numba_cuda_view(scale), bits, numba_cuda_view(out))
     return out
 
@@ -321,12 +317,10 @@ def dequantize_packed_numba_cuda(packed, scale, n, bits):
 CU_SOURCE = Path(__file__).with_name("quant.cu")
 CUPY_ENTRY_POINTS = ("pack_bits_group_per_thread", "unpack_bits_group_per_thread",
                      "dequantize_packed_group_per_thread")  # the kernels this file launches
-CUPY_THREADS = 128                                          # any block size works: threads never cooperate
 
 
 def _cupy_launch(kernel: str, total: int, args: tuple) -> None:
-    with cupy_stream():
-        cupy_module(CU_SOURCE).get_function(kernel)((_blocks(total, CUPY_THREADS),), (CUPY_THREADS,), args)
+    launch.cupy(CU_SOURCE, kernel, launch.grid_for(total, launch.GPU_BLOCK), launch.GPU_BLOCK, args)
 
 
 @register("pack_bits", "cupy")

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from numba import cuda
 
+from kernels import launch
 from kernels.registry import register
-from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
-                             forward_only, new_output, numba_cuda_stream, numba_cuda_view, numpy_view,
-                             threads_per_block)
+from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
+                             numba_cuda_view, numpy_view)
 from refimpl import ops
 
 register("rms_norm", "reference")(ops.rms_norm)
@@ -111,8 +111,8 @@ def rms_norm_numba_cuda_v1(x, weight, eps=1e-6):
     """numba CUDA RMSNorm, v1: one thread per row. x: [..., C], weight: [C] float32 -> [..., C]."""
     rows, out = _prepare(x, weight, eps, "numba_cuda", (torch.float32,))
     R = rows.shape[0]
-    threads = threads_per_block()
-    _rms_norm_v1_thread_per_row[(R + threads - 1) // threads, threads, numba_cuda_stream()](
+    threads = launch.block_size()
+    launch.numba_cuda(_rms_norm_v1_thread_per_row, launch.grid_for(R, threads), threads,
         numba_cuda_view(rows), numba_cuda_view(weight), np.float32(eps), numba_cuda_view(out))
     return out.view(x.shape)
 
@@ -121,7 +121,7 @@ def rms_norm_numba_cuda_v1(x, weight, eps=1e-6):
 def rms_norm_numba_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """numba CUDA RMSNorm, v2: one block per row, shared-memory tree sum. x: [..., C], weight: [C] float32 -> [..., C]."""
     rows, out = _prepare(x, weight, eps, "numba_cuda", (torch.float32,))
-    _rms_norm_v2_block_per_row[rows.shape[0], threads_per_block(MAX_THREADS), numba_cuda_stream()](
+    launch.numba_cuda(_rms_norm_v2_block_per_row, rows.shape[0], launch.block_size(MAX_THREADS),
         numba_cuda_view(rows), numba_cuda_view(weight), np.float32(eps), numba_cuda_view(out))
     return out.view(x.shape)
 
@@ -138,10 +138,8 @@ CUPY_ENTRY_POINTS = ("rms_norm_block_per_row", "rms_norm_warp_shuffle")  # the k
 def _rms_norm_cupy(kernel_name: str, x, weight, eps):
     rows, out = _prepare(x, weight, eps, "cupy", (torch.float32,))
     R, C = rows.shape
-    kernel = cupy_module(CU_SOURCE).get_function(kernel_name)
-    with cupy_stream():
-        kernel((R,), (MAX_THREADS,), (cupy_view(rows), cupy_view(weight), cupy_view(out),
-                                      np.int32(C), np.float32(eps)))
+    launch.cupy(CU_SOURCE, kernel_name, R, MAX_THREADS,
+                (cupy_view(rows), cupy_view(weight), cupy_view(out), np.int32(C), np.float32(eps)))
     return out.view(x.shape)
 
 

@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from numba import cuda
 
+from kernels import launch
 from kernels.registry import register
-from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
-                             forward_only, new_output, numba_cuda_stream, numba_cuda_view, numpy_view,
-                             threads_per_block)
+from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
+                             numba_cuda_view, numpy_view)
 from refimpl import ssm
 
 register("selective_scan", "reference")(ssm.selective_scan)
@@ -133,8 +133,8 @@ def _selective_scan_v1_channel_per_thread(u, delta, A, Bm, Cm, D, y, state):
 def selective_scan_numba_cuda(u, delta, A, Bm, Cm, D=None, initial_state=None):
     """numba CUDA selective scan (v1: a thread per channel), float32. Returns (y [B, T, Dm], state [B, Dm, N])."""
     (Bsz, T, Dm, N), D, y, state = _prepare(u, delta, A, Bm, Cm, D, initial_state, "numba_cuda", (torch.float32,))
-    threads, channels = threads_per_block(), Bsz * Dm
-    _selective_scan_v1_channel_per_thread[(channels + threads - 1) // threads, threads, numba_cuda_stream()](
+    threads, channels = launch.block_size(), Bsz * Dm
+    launch.numba_cuda(_selective_scan_v1_channel_per_thread, launch.grid_for(channels, threads), threads,
         numba_cuda_view(u), numba_cuda_view(delta), numba_cuda_view(A), numba_cuda_view(Bm), numba_cuda_view(Cm),
         numba_cuda_view(D), numba_cuda_view(y), numba_cuda_view(state))
     return y, state
@@ -150,12 +150,10 @@ CUPY_ENTRY_POINTS = ("selective_scan_channel_per_thread",)  # the kernels this f
 def selective_scan_cupy(u, delta, A, Bm, Cm, D=None, initial_state=None):
     """CuPy selective scan (a thread per channel), float32 CUDA. Returns (y [B, T, Dm], state [B, Dm, N])."""
     (Bsz, T, Dm, N), D, y, state = _prepare(u, delta, A, Bm, Cm, D, initial_state, "cupy", (torch.float32,))
-    channels, threads = Bsz * Dm, 128                       # any block size works: threads never cooperate
-    with cupy_stream():
-        cupy_module(CU_SOURCE).get_function("selective_scan_channel_per_thread")(
-            ((channels + threads - 1) // threads,), (threads,),
-            (cupy_view(u), cupy_view(delta), cupy_view(A), cupy_view(Bm), cupy_view(Cm), cupy_view(D),
-             cupy_view(y), cupy_view(state), np.int32(Bsz), np.int32(T), np.int32(Dm), np.int32(N)))
+    channels, threads = Bsz * Dm, launch.GPU_BLOCK                       # any block size works: threads never cooperate
+    launch.cupy(CU_SOURCE, "selective_scan_channel_per_thread", launch.grid_for(channels, threads), threads,
+                (cupy_view(u), cupy_view(delta), cupy_view(A), cupy_view(Bm), cupy_view(Cm), cupy_view(D),
+                 cupy_view(y), cupy_view(state), np.int32(Bsz), np.int32(T), np.int32(Dm), np.int32(N)))
     return y, state
 
 

@@ -10,9 +10,7 @@ Every check raises ValueError saying what was expected, before any kernel runs.
 
 from __future__ import annotations
 
-import functools
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
@@ -89,33 +87,7 @@ def numba_cuda_view(t: torch.Tensor):
     return cuda.as_cuda_array(t.detach().contiguous())
 
 
-def numba_cuda_stream():
-    """Launch on PyTorch's current stream so kernels and torch ops stay ordered."""
-    from numba import cuda
-    if cuda_simulator_enabled():
-        return cuda.default_stream()
-    return cuda.external_stream(torch.cuda.current_stream().cuda_stream)
-
-
 def cupy_view(t: torch.Tensor):
     """A CuPy array sharing a CUDA tensor's memory."""
     import cupy
     return cupy.asarray(t.detach().contiguous())
-
-
-def cupy_stream():
-    """PyTorch's current CUDA stream as a CuPy stream (use as a context manager around launches)."""
-    import cupy
-    return cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-
-
-@functools.cache
-def cupy_module(cu_file: str | Path, options: tuple[str, ...] = ("-std=c++17",)):
-    """The CUDA C file compiled by CuPy (NVRTC), once per process."""
-    import cupy
-    return cupy.RawModule(code=Path(cu_file).read_text(), options=options)
-
-
-def threads_per_block(gpu_threads: int = 128) -> int:
-    """Block size for a launch: `gpu_threads` on a GPU, 32 under the simulator (one Python thread each)."""
-    return 32 if cuda_simulator_enabled() else gpu_threads

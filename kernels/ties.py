@@ -50,10 +50,10 @@ import numpy as np
 import torch
 from numba import cuda
 
+from kernels import launch
 from kernels.registry import register
-from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
-                             forward_only, new_output, numba_cuda_stream, numba_cuda_view, numpy_view,
-                             threads_per_block)
+from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
+                             numba_cuda_view, numpy_view)
 from refimpl import merging
 
 register("ties_merge", "reference")(merging.ties_merge)
@@ -192,7 +192,7 @@ def trim_thresholds_numba_cuda(tau, keep):
     tau = tau.contiguous()
     thresholds = new_output((tau.shape[0],), tau.dtype, tau.device)
     # The same memory read as int32 bit patterns: the select works on bits, stage (b) on values.
-    _ties_v1_threshold_radix_select[tau.shape[0], threads_per_block(MAX_THREADS), numba_cuda_stream()](
+    launch.numba_cuda(_ties_v1_threshold_radix_select, tau.shape[0], launch.block_size(MAX_THREADS),
         numba_cuda_view(tau.view(torch.int32)), keep, numba_cuda_view(thresholds.view(torch.int32)))
     return thresholds
 
@@ -202,8 +202,8 @@ def ties_merge_numba_cuda(tau, density=0.2, lam=1.0, sign_rule="mass", divide_by
     """numba CUDA TIES merge (v1: a block per row selects, a thread per parameter merges), float32 tau [K, P] -> [P]."""
     (K, P), keep, out = _prepare(tau, density, sign_rule, divide_by, "numba_cuda", (torch.float32,))
     thresholds = trim_thresholds_numba_cuda(tau, keep)
-    threads = threads_per_block()
-    _ties_v1_merge_parameter_per_thread[(P + threads - 1) // threads, threads, numba_cuda_stream()](
+    threads = launch.block_size()
+    launch.numba_cuda(_ties_v1_merge_parameter_per_thread, launch.grid_for(P, threads), threads,
         numba_cuda_view(tau), numba_cuda_view(thresholds), np.float32(lam), sign_rule == "count",
         divide_by == "all", numba_cuda_view(out))
     return out
@@ -218,10 +218,8 @@ CUPY_ENTRY_POINTS = ("ties_threshold_radix_select", "ties_merge_parameter_per_th
 def trim_thresholds_cupy(tau, keep):
     """Stage (a), CuPy: a block per row, the bitwise select. [K] float32 thresholds."""
     thresholds = new_output((tau.shape[0],), tau.dtype, tau.device)
-    with cupy_stream():
-        cupy_module(CU_SOURCE).get_function("ties_threshold_radix_select")(
-            (tau.shape[0],), (CUPY_SELECT_THREADS,),
-            (cupy_view(tau), cupy_view(thresholds), np.int32(tau.shape[1]), np.int32(keep)))
+    launch.cupy(CU_SOURCE, "ties_threshold_radix_select", tau.shape[0], CUPY_SELECT_THREADS,
+                (cupy_view(tau), cupy_view(thresholds), np.int32(tau.shape[1]), np.int32(keep)))
     return thresholds
 
 
@@ -230,11 +228,9 @@ def ties_merge_cupy(tau, density=0.2, lam=1.0, sign_rule="mass", divide_by="agre
     """CuPy TIES merge (a block per row selects, a thread per parameter merges), float32 CUDA tau [K, P] -> [P]."""
     (K, P), keep, out = _prepare(tau, density, sign_rule, divide_by, "cupy", (torch.float32,))
     thresholds, threads = trim_thresholds_cupy(tau, keep), 128
-    with cupy_stream():
-        cupy_module(CU_SOURCE).get_function("ties_merge_parameter_per_thread")(
-            ((P + threads - 1) // threads,), (threads,),
-            (cupy_view(tau), cupy_view(thresholds), cupy_view(out), np.int32(K), np.int32(P), np.float32(lam),
-             np.int32(sign_rule == "count"), np.int32(divide_by == "all")))
+    launch.cupy(CU_SOURCE, "ties_merge_parameter_per_thread", launch.grid_for(P, threads), threads,
+                (cupy_view(tau), cupy_view(thresholds), cupy_view(out), np.int32(K), np.int32(P), np.float32(lam),
+                 np.int32(sign_rule == "count"), np.int32(divide_by == "all")))
     return out
 
 

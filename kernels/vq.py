@@ -46,9 +46,10 @@ import numpy as np
 import torch
 from numba import cuda
 
+from kernels import launch
 from kernels.registry import register
-from kernels.tensors import (NUMBA_FASTMATH, cupy_module, cupy_stream, cupy_view, expect_device, expect_dtype,
-                             new_output, numba_cuda_stream, numba_cuda_view, numpy_view, threads_per_block)
+from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, new_output, numba_cuda_view,
+                             numpy_view)
 from refimpl import vq
 
 register("vq_nearest", "reference")(vq.vq_nearest)
@@ -73,7 +74,7 @@ def _block_size(K: int) -> int:
     """Threads per row: the launch's usual block (32 under the simulator, 128 on a GPU), but no more
     than the smallest power of two >= K, so a tiny codebook does not start idle threads."""
     block = 1
-    while block < min(K, threads_per_block(MAX_BLOCK)):
+    while block < min(K, launch.block_size(MAX_BLOCK)):
         block *= 2
     return block
 
@@ -148,7 +149,7 @@ def vq_nearest_numba_cuda(z, codebook):
     """numba CUDA nearest code (v1: a block per row, a shared-memory argmin), float32.
     Returns (indices [N] int64, distances [N])."""
     (N, K, C), indices, distances = _prepare(z, codebook, "numba_cuda", (torch.float32,))
-    _vq_nearest_v1_row_per_block[N, _block_size(K), numba_cuda_stream()](
+    launch.numba_cuda(_vq_nearest_v1_row_per_block, N, _block_size(K),
         numba_cuda_view(z), numba_cuda_view(codebook), numba_cuda_view(indices), numba_cuda_view(distances))
     return indices, distances
 
@@ -164,11 +165,9 @@ def vq_nearest_cupy(z, codebook):
     """CuPy nearest code (a block of VQ_BLOCK threads per row), float32 CUDA.
     Returns (indices [N] int64, distances [N])."""
     (N, K, C), indices, distances = _prepare(z, codebook, "cupy", (torch.float32,))
-    with cupy_stream():
-        cupy_module(CU_SOURCE).get_function("vq_nearest_row_per_block")(
-            (N,), (CUPY_BLOCK,),
-            (cupy_view(z), cupy_view(codebook), cupy_view(indices), cupy_view(distances),
-             np.int32(N), np.int32(K), np.int32(C)))
+    launch.cupy(CU_SOURCE, "vq_nearest_row_per_block", N, CUPY_BLOCK,
+                (cupy_view(z), cupy_view(codebook), cupy_view(indices), cupy_view(distances),
+                 np.int32(N), np.int32(K), np.int32(C)))
     return indices, distances
 
 
