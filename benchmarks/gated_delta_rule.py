@@ -6,8 +6,8 @@
 
 The truth and the baseline is `gated_delta_rule_recurrent`, the step loop the chapter
 calls ground truth; the chunked form (the op the model calls) is timed beside it, and
-torch.compile compiles the step loop. Shapes: kernels.check.example_shapes("small") with
-K = V = D (B = 16, T = 128, H = 4, D = 32) and a non-zero initial state.
+torch.compile compiles the step loop. Shapes: kernels.check.example_shapes("small"):
+B = 16, T = 127, H = 4, K = D = 32, V = 48, scale 0.3, and a non-zero initial state.
 Writes benchmarks/results/gated_delta_rule_<device>.json and
 figures/benchmarks/gated_delta_rule_<device>.png.
 """

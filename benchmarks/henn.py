@@ -8,9 +8,9 @@ The truth and the baseline of the scan is its step loop, `mamba3_scan_recurrent`
 call is the chunked matrix form, timed beside it. The packing ops' truth and baseline are the
 vectorised PyTorch functions of refimpl/quant.py. torch.compile compiles each baseline.
 
-Shapes: kernels.check.example_inputs("small"): the scan at B = 16, T = 128, H = 4 heads of P = 32,
+Shapes: kernels.check.example_inputs("small"): the scan at B = 16, T = 127, H = 4 heads of P = 48,
 MIMO rank R = 2, state N = 64 with 16 rotating pairs, trapezoid, a full starting state; packing
-at 16 x 4 rows of 4,099 values (INT6 and INT4). Writes benchmarks/results/henn_<device>.json and
+at 16 x 4 rows of 4,067 values (INT6 and INT4). Writes benchmarks/results/henn_<device>.json and
 figures/benchmarks/henn_<device>.png.
 """
 

@@ -4,8 +4,9 @@
     python benchmarks/shared_blocks.py --device cuda    # GPU: numba_cuda and cupy
     python benchmarks/shared_blocks.py --quick          # fewer runs (smoke test)
 
-Cases (the `small` preset: d_model C = 128, H = 4 heads, G = 2 kv heads, D = 32, T = 128, B = 16;
-MoE with E = 4 experts, top-2, so N = B * T = 2048 tokens):
+Cases (the `small` preset: d_model C = 128, H = 4 heads, G = 2 kv heads, D = 32, B = 16, and T = 127, one short
+of its 128 so that no chunk size divides it;
+MoE with E = 4 experts, top-2, so N = B * T = 2032 tokens):
     rms_norm                       x [B*T, C], weight [C]
     attention (causal GQA)         q [B, T, H, D], k, v [B, T, G, D]
     attention (window 32)          the same, each query seeing itself and the 31 keys before it

@@ -7,8 +7,8 @@
 The truth and the baseline of each op is its refimpl function: `grid_attention.neighbourhood_attention`
 (pad, 27 shifted views, masked softmax), `vq.vq_nearest` (chunked expanded distances, argmin) and
 `optim.adam_clip_step` (the norm, then PyTorch's element-wise Adam); torch.compile compiles each.
-Shapes: kernels.check.example_inputs("small"): attention on an 8 x 4 x 4 grid, batch 16, 4 heads of 32;
-the search over 2,048 vectors of 128 against 511 codes; Adam over 262,144 parameters. The Adam kernel
+Shapes: kernels.check.example_inputs("small"): attention on an 8 x 4 x 4 grid, batch 16, 4 heads of 32,
+radius 2; the search over 2,032 vectors of 128 against 511 codes; Adam over 260,096 parameters. The Adam kernel
 updates its inputs in place, so repeated timing runs keep stepping the same buffers (the work per step
 does not change). Writes benchmarks/results/sintellix_<device>.json and figures/benchmarks/sintellix_<device>.png.
 """

@@ -12,8 +12,8 @@ truth; torch.compile compiles that loop. The other PyTorch forms are timed besid
     fast_weight_memory   step loop `fast_weight_memory_recurrent` (the op models call); the parallel form
     ties_merge           `refimpl.merging.ties_merge` (vectorised PyTorch: topk, sign, masked mean)
 
-Shapes: kernels.check.example_inputs("small") (B = 16, T = 128, H = 4 heads of D = 32; the scan has
-Dm = 2 C = 256 channels and N = 16 states; TIES merges K = 3 task vectors of B T C = 262,144 entries).
+Shapes: kernels.check.example_inputs("small") (B = 16, T = 127, H = 4 heads of Dk = 32, Dv = 48; the scan has
+Dm = 2 C = 256 channels and N = 16 states; TIES merges K = 3 task vectors of R C = 260,096 entries).
 Writes benchmarks/results/synapse_<device>.json and figures/benchmarks/synapse_<device>.png.
 """
 

@@ -236,21 +236,22 @@ def adam_clip_step_cupy(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta
 
 
 def example_inputs(shapes: dict, generator=None) -> dict:
-    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: one flat buffer of N = B T C H elements
-    (216 at `tiny`, 2^20 at `small`), moments as after ten steps (m ~ 0.1 g, v ~ g^2 > 0), step 11.
+    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: one flat buffer of N = R C elements
+    (240 at `tiny`, 260,096 at `small`), moments as after ten steps (m ~ 0.1 g, v ~ g^2 > 0), step 11.
 
-    The op's output is the norm only; its real results are the three buffers it updates in place.
-    `kernels.check.check_backend` compares outputs, and calls the reference and then the kernel on the
-    same tensors, so it checks the norm, not the update: tests/test_kernel_adam.py compares the buffers.
+    The op's output is the norm only; its real results are the three buffers it updates in place
+    (IN_PLACE_ARGUMENTS), which `kernels.check.check_case` compares too, each side on its own copies.
     """
     from kernels.check import random_tensor
-    N = shapes["B"] * shapes["T"] * shapes["C"] * shapes["H"]
+    N = shapes["R"] * shapes["C"]
     param = random_tensor((N,), generator=generator)
     grad = random_tensor((N,), generator=generator, scale=0.1)
     exp_avg = random_tensor((N,), generator=generator, scale=0.01)
     exp_avg_sq = random_tensor((N,), generator=generator, scale=0.1) ** 2 + 1e-4
-    clipped = dict(step=11, lr=1e-3, weight_decay=0.01, max_norm=0.05 * N ** 0.5)   # the norm is ~0.1 sqrt(N)
-    plain = dict(step=11, lr=1e-3)
+    # Every keyword away from its default; eps = 1e-3 is ~1% of sqrt(v) ~ 0.1, so a kernel dropping it is seen.
+    clipped = dict(step=11, lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-3, weight_decay=0.01,
+                   max_norm=0.05 * N ** 0.5)                                          # the norm is ~0.1 sqrt(N)
+    plain = dict(step=11, lr=3e-3)
     return {"adam_clip_step": ((param, grad, exp_avg, exp_avg_sq), clipped),
             "adam_clip_step (no clipping, no weight decay)":
                 ((param.clone(), grad.clone(), exp_avg.clone(), exp_avg_sq.clone()), plain)}

@@ -169,11 +169,13 @@ def attention_cupy(q, k, v, *, causal=True, window=None, scale=None):
 
 
 def example_inputs(shapes: dict, generator=None) -> dict:
-    """{op: (args, kwargs)} for `kernels.check.example_shapes(...)`: q [B, T, H, D], k and v [B, T, G, D]."""
+    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: q [B, T, H, D], k and v [B, T, G, D];
+    every keyword away from its default in some case (scale 0.3, a window, not causal)."""
     from kernels.check import random_tensor
     B, T, H, G, D = (shapes[n] for n in "BTHGD")
     q = random_tensor((B, T, H, D), generator=generator)
     k = random_tensor((B, T, G, D), generator=generator)
     v = random_tensor((B, T, G, D), generator=generator)
-    return {"attention": ((q, k, v), {"causal": True, "window": None}),
-            "attention (sliding window)": ((q, k, v), {"causal": True, "window": shapes["window"]})}
+    return {"attention": ((q, k, v), {"causal": True, "window": None, "scale": 0.3}),
+            "attention (sliding window)": ((q, k, v), {"causal": True, "window": shapes["window"], "scale": 0.3}),
+            "attention (not causal)": ((q, k, v), {"causal": False, "window": None, "scale": 0.3})}

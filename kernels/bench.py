@@ -15,7 +15,7 @@ What is measured, and how
     measure_ceilings  what this machine can do at best, measured in the same run: a large
                     memory copy (GB/s, bytes read + written) and a large matmul (FLOP/s).
     benchmark_op    the correctness gate (every variant against the reference op, with
-                    `kernels.check.compare`; a variant that fails is recorded and not timed),
+                    `kernels.check.check_case`; a variant that fails is recorded and not timed),
                     then timing of the reference, each kernel backend, `torch.compile` of the
                     reference (compile time measured separately, excluded) and optionally an
                     eager PyTorch built-in, on the same inputs, in the same process, forward only.
@@ -46,10 +46,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from kernels.check import compare
+from kernels.check import check_case
 from kernels.machine import backend_status, cuda_simulator_enabled
 from kernels.registry import get
-from kernels.tensors import poisoned_outputs
 from refimpl.io import save_figure_atomically
 
 __all__ = ["Timing", "time_cpu", "time_cuda", "measure_ceilings", "provenance", "benchmark_op", "plot_ratios",
@@ -318,29 +317,14 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
-def _gate(name: str, fn: Callable, args: tuple, kwargs: dict, expected) -> dict:
-    """Run `fn` once on poisoned outputs and compare with the reference's `expected` output(s).
-
-    Tuple outputs (nested ones flattened) are compared tensor by tensor (comparisons named op[0], op[1], ...).
-    An exception counts as a failure, with its message recorded.
-    """
+def _gate(op: str, name: str, fn: Callable, args: tuple, kwargs: dict, reference: Callable) -> dict:
+    """`kernels.check.check_case` for one variant: poisoned outputs, every output (nested states flattened)
+    against the reference computed in float64. An exception counts as a failure, with its message recorded."""
+    floats = [t.dtype for t in _tensors(args) + _tensors(kwargs) if t.is_floating_point()]
     try:
-        with poisoned_outputs():
-            got = fn(*args, **kwargs)
+        comparisons = check_case(op, fn, args, kwargs, floats[0] if floats else torch.float32, name, reference)
     except Exception as err:  # a kernel refusing these inputs is a failed gate, not a crash of the benchmark
         return {"passed": False, "error": f"{type(err).__name__}: {err}", "comparisons": []}
-    if isinstance(expected, tuple):
-        want = _tensors(expected)                                  # nested states, (o, (C, n, m)), flattened
-        have = _tensors(got) if isinstance(got, (tuple, list)) else []
-        if len(have) != len(want):
-            return {"passed": False, "comparisons": [],
-                    "error": f"expected a tuple of {len(want)} output tensors, got {type(got).__name__}"
-                             + (f" of {len(have)}" if isinstance(got, (tuple, list)) else "")}
-        comparisons = [compare(g, e, f"{name}[{i}]") for i, (g, e) in enumerate(zip(have, want))]
-    else:
-        if not isinstance(got, torch.Tensor):
-            return {"passed": False, "comparisons": [], "error": f"expected a tensor, got {type(got).__name__}"}
-        comparisons = [compare(got, expected, name)]
     return {"passed": all(c.passed for c in comparisons), "error": None,
             "comparisons": [c.as_dict() for c in comparisons]}
 
@@ -389,7 +373,7 @@ def benchmark_op(op: str, make_inputs: Callable[[str, int], tuple[tuple, dict]],
     repeats, min_seconds, warmup  passed to the timer (repeats default: 20 CPU, 100 CUDA).
 
     The gate runs first for every variant (outputs poisoned with NaN / -1, compared
-    with kernels.check.compare); a variant that fails it is recorded with the reason
+    against the reference in float64, by kernels.check.check_case); a variant that fails it is recorded with the reason
     and not timed. Everything runs under torch.no_grad(): kernels are forward-only.
     Speed-ups are reference (or torch.compile) median / variant median: > 1 is faster.
     """
@@ -445,7 +429,7 @@ def benchmark_op(op: str, make_inputs: Callable[[str, int], tuple[tuple, dict]],
         # 1. The correctness gate, for every variant before any timing.
         for name, v in variants.items():
             if "gate" not in v:
-                v["gate"] = _gate(f"{op}:{name}", v["fn"], args, kwargs, expected)
+                v["gate"] = _gate(op, f"{op}:{name}", v["fn"], args, kwargs, reference)
             _synchronize(device)
 
         # 2. Timing of the variants that passed, all on the same inputs.

@@ -14,8 +14,9 @@ import torch
 
 from kernels.tensors import poisoned_outputs
 
-__all__ = ["TOLERANCES", "Comparison", "compare", "assert_close", "poisoned_outputs", "random_tensor",
-           "example_shapes", "example_inputs", "check_backend", "parameters_without_gradient"]
+__all__ = ["TOLERANCES", "KERNEL_DTYPES", "Comparison", "compare", "assert_close", "poisoned_outputs",
+           "random_tensor", "example_shapes", "example_inputs", "check_case", "check_backend",
+           "parameters_without_gradient"]
 
 #: dtype -> (atol, rtol), and why.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -104,15 +105,29 @@ def random_tensor(shape, dtype=torch.float32, device="cpu", generator: torch.Gen
     return t.to(dtype=dtype, device=device)
 
 
+#: the float dtypes each backend's kernels take: the check runs every case in each of them
+KERNEL_DTYPES = {"reference": (torch.float32, torch.float64), "numba": (torch.float32, torch.float64),
+                 "numba_cuda": (torch.float32,), "cupy": (torch.float32,)}
+
+
 def example_shapes(size: str) -> dict:
-    """The sizes every shared op's examples use: `tiny` (simulator-friendly) or `small`, which is the
-    `small` baseline preset (C, H, G, D, T) at batch 16, with 4 experts top-2 and a window of 32."""
+    """The sizes every op's examples are drawn at: `tiny` (what numba's CUDA simulator runs) or `small`
+    (the `small` baseline preset's C, H, G, D at batch 16).
+
+    Both are chosen so that a wrong kernel cannot pass by luck: batch B >= 2, T not a multiple of any
+    chunk size (16, 32, 64), value width V != key width D, and enough rows that every launch of a
+    thread-per-row kernel needs more than one block even at a GPU's 128 threads (tiny: B H V = 160).
+    R is the row count of the ops whose kernels give each row a block that reduces across its threads
+    (RMSNorm, VQ, the modulated linear, TIES and Adam's R * C): few at `tiny`, because the simulator
+    acts out every barrier of every block in Python, but at least two blocks' worth.
+    """
     if size == "tiny":
-        return dict(B=1, T=9, C=12, H=2, G=1, D=8, E=3, k=2, window=4)
+        return dict(B=2, T=19, C=40, H=4, G=2, D=8, V=20, E=3, k=2, window=5, R=6)
     if size == "small":
         from refimpl.baseline import BaselineConfig
         p = BaselineConfig.preset("small")
-        return dict(B=16, T=p.max_seq_len, C=p.d_model, H=p.n_heads, G=p.n_kv_heads, D=p.head_dim, E=4, k=2, window=32)
+        return dict(B=16, T=p.max_seq_len - 1, C=p.d_model, H=p.n_heads, G=p.n_kv_heads, D=p.head_dim,
+                    V=p.head_dim + p.head_dim // 2, E=4, k=2, window=32, R=16 * (p.max_seq_len - 1))
     raise ValueError(f"example size must be 'tiny' or 'small', got {size!r}")
 
 
@@ -124,62 +139,93 @@ def example_inputs(size: str = "tiny", device="cpu", seed: int = 0) -> dict:
     cases = {}
     for module in OP_MODULES:
         for case, (args, kwargs) in module.example_inputs(shapes, generator).items():
-            cases[case] = (case.split(" ")[0], _to_device(args, device), _to_device(kwargs, device))
+            cases[case] = (case.split(" ")[0], _to(args, device=device), _to(kwargs, device=device))
     return cases
 
 
-def _to_device(value, device):
-    """Tensors moved to `device`, inside tuples, NamedTuples, lists and dicts too (a state may be a tuple of tensors)."""
+def _to(value, device=None, dtype=None):
+    """`value` with every tensor moved to `device` and every float tensor cast to `dtype`, inside tuples,
+    NamedTuples (a scan's state), lists and dicts too. Fresh tensors: the caller may write to them."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):                      # a NamedTuple state
-        return type(value)(*(_to_device(v, device) for v in value))
+        cast = dtype if (dtype is not None and value.dtype.is_floating_point) else value.dtype
+        return value.to(device=device or value.device, dtype=cast, copy=True)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_to(v, device, dtype) for v in value))
     if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
+        return type(value)(_to(v, device, dtype) for v in value)
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: _to(v, device, dtype) for k, v in value.items()}
     return value
 
 
-def _clone(args: tuple) -> tuple:
-    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+def _has_float(value) -> bool:
+    """Whether any tensor inside `value` (tuples, lists, dicts) is a float tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype.is_floating_point
+    if isinstance(value, (tuple, list)):
+        return any(_has_float(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_float(v) for v in value.values())
+    return False
 
 
 def _flatten(value) -> list:
-    """An op's result as a flat list of tensors: (o, (C, n, m)) -> [o, C, n, m]."""
+    """An op's result as a flat list of tensors: (o, (C, n, m)) -> [o, C, n, m]; None entries dropped."""
     if isinstance(value, (tuple, list)):
         return [t for v in value for t in _flatten(v)]
-    return [value]
+    return [] if value is None else [value]
 
 
-def check_backend(backend: str, size: str = "tiny", device="cpu", seed: int = 0) -> list[Comparison]:
-    """Run `backend`'s kernel for every example case against the reference, outputs poisoned.
+def check_case(op: str, kernel, args: tuple, kwargs: dict, dtype: torch.dtype = torch.float32,
+               name: str | None = None, reference=None) -> list[Comparison]:
+    """The one check: run `kernel` on the case's inputs in `dtype` with its outputs poisoned, and compare
+    every output with `op`'s reference computed in float64 from the same inputs.
 
-    Ops returning several tensors give one Comparison per output (named op[i]). An op that updates some of
-    its arguments in place (a kernel module's IN_PLACE_ARGUMENTS: {op: argument positions}, e.g. the Adam
-    step) runs on fresh copies for each side, and the updated arguments are compared as outputs too.
+    Each side gets its own copies of the inputs, so an op that updates arguments in place (its module's
+    IN_PLACE_ARGUMENTS, e.g. the Adam step) cannot see the other side's writes; those arguments are
+    compared as outputs too. One Comparison per output tensor, named `name[i]`; the expected values are
+    the float64 reference rounded to the kernel's dtype, so a float32 kernel must be as close to the exact
+    answer as float32 allows, not merely close to another float32 evaluation. `reference` replaces the
+    registered reference (a benchmark's step loop, say). A kernel that raises raises here.
     """
     from kernels import OP_MODULES
     from kernels.registry import get
-    in_place = {op: positions for module in OP_MODULES for op, positions in getattr(module, "IN_PLACE_ARGUMENTS", {}).items()}
-    results = []
+    name = name or op
+    in_place = next((m.IN_PLACE_ARGUMENTS[op] for m in OP_MODULES if op in getattr(m, "IN_PLACE_ARGUMENTS", {})), ())
+    ref_args, ref_kwargs = _to(args, dtype=torch.float64), _to(kwargs, dtype=torch.float64)
+    run_args, run_kwargs = _to(args, dtype=dtype), _to(kwargs, dtype=dtype)
     with torch.no_grad():
-        for case, (op, args, kwargs) in example_inputs(size, device, seed).items():
-            if op in in_place:                        # each side steps its own copy; the updated buffers are results too
-                ref_args, args = _clone(args), _clone(args)
-                expected = (get(op, "reference")(*ref_args, **kwargs),) + tuple(ref_args[i] for i in in_place[op])
-                got = (get(op, backend)(*args, **kwargs),) + tuple(args[i] for i in in_place[op])
-            else:
-                expected = get(op, "reference")(*args, **kwargs)
-                with poisoned_outputs():
-                    got = get(op, backend)(*args, **kwargs)
-            if isinstance(expected, tuple):
-                got, expected = _flatten(got), _flatten(expected)
-                if len(got) != len(expected):
-                    raise AssertionError(f"{case}: {backend} returned {len(got)} tensors, the reference {len(expected)}")
-                results += [compare(g, e, f"{case}[{i}]") for i, (g, e) in enumerate(zip(got, expected))]
-            else:
-                results.append(compare(got, expected, case))
+        reference = reference or get(op, "reference")
+        expected = _flatten(reference(*ref_args, **ref_kwargs)) + [ref_args[i] for i in in_place]
+        with poisoned_outputs():
+            got = _flatten(kernel(*run_args, **run_kwargs)) + [run_args[i] for i in in_place]
+    if len(got) != len(expected):
+        return [Comparison(name, False, False, True, float("inf"), float("inf"), float("inf"), 0.0, 0.0,
+                           f"{name}: the kernel returned {len(got)} tensors, the reference {len(expected)}")]
+    return [compare(g, e.to(dtype) if e.dtype == torch.float64 else e, f"{name}[{i}]" if len(got) > 1 else name)
+            for i, (g, e) in enumerate(zip(got, expected))]
+
+
+def check_backend(backend: str, size: str = "tiny", device="cpu", seed: int = 0,
+                  ops: list[str] | tuple[str, ...] | None = None) -> list[Comparison]:
+    """`check_case` for every example case of every op `backend` implements (or of `ops`, each of which it
+    must implement), in every dtype it takes (KERNEL_DTYPES). Cases in float64 are named `case (float64)`."""
+    from kernels.registry import get, registered
+    implemented = {op for op, backends in registered().items() if backend in backends}
+    if ops is not None:
+        missing = sorted(set(ops) - implemented)
+        if missing:
+            raise ValueError(f"check_backend: {backend!r} implements no {', '.join(missing)}; "
+                             f"it implements {', '.join(sorted(implemented))}")
+    ops = implemented if ops is None else set(ops)
+    results = []
+    for case, (op, args, kwargs) in example_inputs(size, device, seed).items():
+        if op not in ops:
+            continue
+        dtypes = KERNEL_DTYPES[backend] if _has_float((args, kwargs)) else (torch.float32,)   # integer-only: once
+        for dtype in dtypes:
+            name = case if dtype == torch.float32 else f"{case} ({str(dtype).replace('torch.', '')})"
+            results += check_case(op, get(op, backend), args, kwargs, dtype, name)
     return results
 
 

@@ -166,13 +166,14 @@ def fast_weight_memory_cupy(q, k, v, gate, decay=0.95, strength=0.1, initial_sta
 
 
 def example_inputs(shapes: dict, generator=None) -> dict:
-    """{op: (args, kwargs)} for `kernels.check.example_shapes(...)`: B, T, H heads of Dk = Dv = D, a non-zero
-    memory to start from, gates spread over the sigmoid's range."""
+    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: B, T, H heads of Dk = D, Dv = V != Dk,
+    a non-zero memory to start from, gates spread over the sigmoid's range, and decay 0.6 and strength 0.3
+    (not the defaults 0.95 and 0.1): strong decay, so a kernel ignoring either is far off."""
     from kernels.check import random_tensor
-    B, T, H, D = shapes["B"], shapes["T"], shapes["H"], shapes["D"]
-    q = random_tensor((B, T, H, D), generator=generator)
-    k = random_tensor((B, T, H, D), generator=generator)
-    v = random_tensor((B, T, H, D), generator=generator)
+    B, T, H, Dk, Dv = shapes["B"], shapes["T"], shapes["H"], shapes["D"], shapes["V"]
+    q = random_tensor((B, T, H, Dk), generator=generator)
+    k = random_tensor((B, T, H, Dk), generator=generator)
+    v = random_tensor((B, T, H, Dv), generator=generator)
     gate = random_tensor((B, T, H), generator=generator, scale=3.0)
-    state = random_tensor((B, H, D, D), generator=generator, scale=0.1)
-    return {"fast_weight_memory": ((q, k, v, gate), {"decay": 0.95, "strength": 0.1, "initial_state": state})}
+    state = random_tensor((B, H, Dk, Dv), generator=generator, scale=0.1)
+    return {"fast_weight_memory": ((q, k, v, gate), {"decay": 0.6, "strength": 0.3, "initial_state": state})}

@@ -158,13 +158,16 @@ def gated_delta_rule_cupy(q, k, v, g, beta, initial_state=None, scale=None):
 
 
 def example_inputs(shapes: dict, generator=None) -> dict:
-    """{op: (args, kwargs)} for `kernels.check.example_shapes(...)`: B, T, H heads of K = V = D, a non-zero state."""
+    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: B, T, H heads of K = D, V != K, a
+    non-zero starting state, scale 0.3 (not K^-1/2); alpha = e^g in (e^-1, 1], and on every fourth token
+    strong decay (alpha < e^-4), where a kernel that mishandles the gate is far off."""
     from kernels.check import random_tensor
-    B, T, H, D = shapes["B"], shapes["T"], shapes["H"], shapes["D"]
-    q = random_tensor((B, T, H, D), generator=generator)
-    k = torch.nn.functional.normalize(random_tensor((B, T, H, D), generator=generator), dim=-1)
-    v = random_tensor((B, T, H, D), generator=generator)
-    g = -torch.rand(B, T, H, generator=generator)                 # alpha in (e^-1, 1]
+    B, T, H, K, V = shapes["B"], shapes["T"], shapes["H"], shapes["D"], shapes["V"]
+    q = random_tensor((B, T, H, K), generator=generator)
+    k = torch.nn.functional.normalize(random_tensor((B, T, H, K), generator=generator), dim=-1)
+    v = random_tensor((B, T, H, V), generator=generator)
+    g = -torch.rand(B, T, H, generator=generator)
+    g[:, ::4] -= 4.0
     beta = torch.rand(B, T, H, generator=generator)
-    state = random_tensor((B, H, D, D), generator=generator, scale=0.1)
-    return {"gated_delta_rule": ((q, k, v, g, beta, state), {})}
+    state = random_tensor((B, H, V, K), generator=generator, scale=0.1)
+    return {"gated_delta_rule": ((q, k, v, g, beta), {"initial_state": state, "scale": 0.3})}

@@ -328,7 +328,7 @@ def mamba3_scan_cupy(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initial_st
 
 
 def example_inputs(shapes: dict, generator=None) -> dict:
-    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: H heads of P = D, N = min(2 D, 64)
+    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: H heads of P = V, N = min(2 D, 64)
     state values, MIMO rank R = 2, K = N / 4 rotated pairs (the layer's default turns half the state).
 
     Drawn as a Mamba3Layer makes them: dt = softplus(.) (about 0.05 - 1), A = -softplus(.) <= 0,
@@ -343,7 +343,7 @@ def example_inputs(shapes: dict, generator=None) -> dict:
     """
     from kernels.check import random_tensor
     softplus = torch.nn.functional.softplus
-    B, T, H, P = shapes["B"], shapes["T"], shapes["H"], shapes["D"]
+    B, T, H, P = shapes["B"], shapes["T"], shapes["H"], shapes["V"]
     N, R = min(2 * shapes["D"], MAX_STATE_DIM), 2
     K = N // 4
     x = random_tensor((B, T, H, R, P), generator=generator)

@@ -216,7 +216,7 @@ def mlstm_cupy(q, k, v, i_pre, f_pre, initial_state=None):
 
 
 def example_inputs(shapes: dict, generator=None) -> dict:
-    """{op: (args, kwargs)} for `kernels.check.example_shapes(...)`: B, T, H heads of Dk = Dv = D, gates
+    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: B, T, H heads of Dk = D, Dv = V, gates
     i~ ~ N(0, 3^2) and f~ ~ N(2, 1), a non-zero starting state (m uniform in [-1, 1], n and C small).
 
     Keys, queries and the starting n share a mean direction (2 along all-ones; the query's sign flips
@@ -226,14 +226,22 @@ def example_inputs(shapes: dict, generator=None) -> dict:
     reference's included, then meets the float32 tolerance: a property of the inputs, not the kernel.
     """
     from kernels.check import random_tensor
-    B, T, H, D = shapes["B"], shapes["T"], shapes["H"], shapes["D"]
+    B, T, H, Dk, Dv = shapes["B"], shapes["T"], shapes["H"], shapes["D"], shapes["V"]
     sign = 2.0 * torch.randint(0, 2, (B, T, H, 1), generator=generator) - 1.0
-    q = random_tensor((B, T, H, D), generator=generator) + 2.0 * sign
-    k = random_tensor((B, T, H, D), generator=generator) + 2.0
-    v = random_tensor((B, T, H, D), generator=generator)
+    q = random_tensor((B, T, H, Dk), generator=generator) + 2.0 * sign
+    k = random_tensor((B, T, H, Dk), generator=generator) + 2.0
+    v = random_tensor((B, T, H, Dv), generator=generator)
     i_pre = random_tensor((B, T, H), generator=generator, scale=3.0)
     f_pre = 2.0 + random_tensor((B, T, H), generator=generator)
-    C = random_tensor((B, H, D, D), generator=generator, scale=0.1)
-    n = 0.1 * (random_tensor((B, H, D), generator=generator) + 2.0)
+    C = random_tensor((B, H, Dv, Dk), generator=generator, scale=0.1)
+    n = 0.1 * (random_tensor((B, H, Dk), generator=generator) + 2.0)
     m = 2.0 * torch.rand(B, H, generator=generator) - 1.0
-    return {"mlstm": ((q, k, v, i_pre, f_pre, (C, n, m)), {})}
+    # The floor: in the first half of the batch the input gate is shut (i~ = -8) and the memory forgets
+    # slowly from m = 0, so |n . q| stays far below e^{-m_t} >= 1 and max(|n . q|, e^{-m_t}) takes the floor
+    # at every step; the second half is the first case's regime. A kernel without the floor fails here.
+    shut = torch.arange(B) < (B + 1) // 2
+    i_floor = torch.where(shut[:, None, None], torch.full_like(i_pre, -8.0), i_pre)
+    f_floor = torch.where(shut[:, None, None], torch.full_like(f_pre, -0.05), f_pre)
+    m_floor = torch.where(shut[:, None], torch.zeros_like(m), m)
+    return {"mlstm": ((q, k, v, i_pre, f_pre), {"initial_state": (C, n, m)}),
+            "mlstm (the floor)": ((q, k, v, i_floor, f_floor), {"initial_state": (C, 0.01 * n, m_floor)})}

@@ -183,12 +183,12 @@ def modulated_linear_cupy(x, weight, U, V, P, Q, cos, sin):
 
 
 def example_inputs(shapes: dict, generator=None) -> dict:
-    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: N = B T rows, I = C in, O = 4 C out
-    (an MLP's up-projection), M = D wavelet pairs of rank r = 2 H (tiny: 8 of rank 4; small: 32 of rank 8).
+    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: N = R rows (B sequences of R / B), I = C in, O = 4 C out
+    (an MLP's up-projection), M = D wavelet pairs of rank r = 2 H (tiny: 8 of rank 8; small: 32 of rank 8).
     Factors scaled so each term of y is O(1); cos, sin are those of random angles (a^2 + b^2 = 1)."""
     from kernels.check import random_tensor
-    B, T, C = shapes["B"], shapes["T"], shapes["C"]
-    N, I, O, M, r = B * T, C, 4 * C, shapes["D"], 2 * shapes["H"]
+    B, N, C = shapes["B"], shapes["R"], shapes["C"]
+    T, I, O, M, r = N // B, C, 4 * C, shapes["D"], 2 * shapes["H"]
     x = random_tensor((N, I), generator=generator)
     weight = random_tensor((O, I), generator=generator, scale=I ** -0.5)
     U = random_tensor((M, O, r), generator=generator, scale=(M * r) ** -0.5)

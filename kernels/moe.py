@@ -220,13 +220,22 @@ def moe_combine_cupy(expert_out, slot, weight):
     return out
 
 
+MANY_EXPERTS = launch.GPU_BLOCK + 5  # the check's second case: the per-expert launch needs two blocks
+
+
 def example_inputs(shapes: dict, generator=None) -> dict:
-    """{op: (args, kwargs)} for `kernels.check.example_shapes(...)`: N = B*T tokens of width C, E experts, top-k."""
+    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: N = B*T tokens of width C, top-k of E
+    experts; and the same tokens routed to 2k of MANY_EXPERTS (most of them empty), so that every launch of
+    the dispatch, the per-expert one included, spans more than one block (tiny: N 2k = 152 copies)."""
     from kernels.check import random_tensor
     N, C, E, k = shapes["B"] * shapes["T"], shapes["C"], shapes["E"], shapes["k"]
     x = random_tensor((N, C), generator=generator)
-    index = random_tensor((N, E), generator=generator).topk(k, dim=-1).indices  # [N, k] distinct experts per token
-    _, _, slot = ops.moe_dispatch(x, index, E)
-    expert_out = random_tensor((N * k, C), generator=generator)
-    weight = torch.softmax(random_tensor((N, k), generator=generator), dim=-1)
-    return {"moe_dispatch": ((x, index, E), {}), "moe_combine": ((expert_out, slot, weight), {})}
+    cases = {}
+    for experts, k, label in ((E, k, ""), (MANY_EXPERTS, 2 * k, f" ({MANY_EXPERTS} experts, top-{2 * k})")):
+        index = random_tensor((N, experts), generator=generator).topk(k, dim=-1).indices  # [N, k] distinct experts
+        _, _, slot = ops.moe_dispatch(x, index, experts)
+        expert_out = random_tensor((N * k, C), generator=generator)
+        weight = torch.softmax(random_tensor((N, k), generator=generator), dim=-1)
+        cases[f"moe_dispatch{label}"] = ((x, index, experts), {})
+        cases[f"moe_combine{label}"] = ((expert_out, slot, weight), {})
+    return cases

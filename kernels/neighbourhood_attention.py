@@ -190,10 +190,10 @@ def grid_for(T: int) -> tuple[int, int, int]:
 
 
 def example_inputs(shapes: dict, generator=None) -> dict:
-    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: the T tokens laid out as a grid
-    (`grid_for(T)`: tiny T = 9 -> 3 x 3 x 1, small T = 128 -> 8 x 4 x 4), H heads of D, radius 1."""
+    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: T + 1 tokens laid out as a grid
+    (`grid_for`: tiny 20 -> 5 x 2 x 2, small 128 -> 8 x 4 x 4), H heads of D, radius 2 (not the default 1)."""
     from kernels.check import random_tensor
     B, T, H, D = shapes["B"], shapes["T"], shapes["H"], shapes["D"]
-    X, Y, Z = grid_for(T)
+    X, Y, Z = grid_for(T + 1)
     q, k, v = (random_tensor((B, X, Y, Z, H, D), generator=generator) for _ in range(3))
-    return {"neighbourhood_attention": ((q, k, v), {"radius": 1})}
+    return {"neighbourhood_attention": ((q, k, v), {"radius": 2})}

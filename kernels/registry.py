@@ -62,6 +62,18 @@ def get(op: str, backend: str) -> Callable:
 
 
 @contextmanager
+def replaced(op: str, backend: str, kernel: Callable):
+    """Within the block, `kernel` is the registered (op, backend) kernel: how the mutation tests plant a
+    deliberately wrong kernel where the check will find it. The original comes back afterwards."""
+    original = get(op, backend)
+    _REGISTRY[(op, backend)] = kernel
+    try:
+        yield kernel
+    finally:
+        _REGISTRY[(op, backend)] = original
+
+
+@contextmanager
 def use(backend: str, ops: list[str] | tuple[str, ...] | None = None):
     """Within the block, models run the `backend` kernels instead of the reference ops.
 

@@ -158,8 +158,11 @@ CUPY_LADDER = {"block_per_row": rms_norm_cupy_block, "warp_shuffle": rms_norm_cu
 
 
 def example_inputs(shapes: dict, generator=None) -> dict:
-    """{op: (args, kwargs)} for `kernels.check.example_shapes(...)`: x [B*T, C], weight [C]."""
+    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: x [R, C], weight [C], eps not the
+    default. In the second case x is scaled down to ~1e-3, so eps = 1e-4 outweighs mean(x^2) ~ 1e-6: a kernel
+    that drops eps, or adds it in the wrong place, fails there."""
     from kernels.check import random_tensor
-    x = random_tensor((shapes["B"] * shapes["T"], shapes["C"]), generator=generator)
+    x = random_tensor((shapes["R"], shapes["C"]), generator=generator)
     w = random_tensor((shapes["C"],), generator=generator)
-    return {"rms_norm": ((x, w), {"eps": 1e-6})}
+    return {"rms_norm": ((x, w), {"eps": 1e-5}),
+            "rms_norm (eps dominates)": ((x * 1e-3, w), {"eps": 1e-4})}

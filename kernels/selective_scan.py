@@ -172,5 +172,5 @@ def example_inputs(shapes: dict, generator=None) -> dict:
     Cm = random_tensor((B, T, N), generator=generator)
     D = random_tensor((Dm,), generator=generator)
     state = random_tensor((B, Dm, N), generator=generator, scale=0.5)
-    return {"selective_scan": ((u, delta, A, Bm, Cm, D, state), {}),
+    return {"selective_scan": ((u, delta, A, Bm, Cm), {"D": D, "initial_state": state}),
             "selective_scan (no D, no initial state)": ((u, delta, A, Bm, Cm), {})}

@@ -240,9 +240,14 @@ TRIM_THRESHOLDS = {"numba": trim_thresholds_numba, "numba_cuda": trim_thresholds
 
 
 def example_inputs(shapes: dict, generator=None) -> dict:
-    """{op: (args, kwargs)} for `kernels.check.example_shapes(...)`: K = 3 task vectors of P = B*T*C parameters
-    (108 at `tiny`, 262,144 at `small`), the paper's settings."""
+    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: K = 3 task vectors of P = R*C parameters
+    (240 at `tiny`, 260,096 at `small`), every option away from its default (density 0.3, lam 0.7, the count sign rule, divide
+    by all). The second case draws small integers, -3 .. 3, so many magnitudes tie at each row's threshold
+    (a kernel that keeps only `keep` of them, or uses > for >=, fails there), with the other option pair."""
     from kernels.check import random_tensor
-    P = shapes["B"] * shapes["T"] * shapes["C"]
+    P = shapes["R"] * shapes["C"]
     tau = random_tensor((3, P), generator=generator)
-    return {"ties_merge": ((tau,), {"density": 0.2, "lam": 1.0, "sign_rule": "mass", "divide_by": "agreeing"})}
+    tied = torch.randint(-3, 4, (3, P), generator=generator).float()
+    return {"ties_merge": ((tau,), {"density": 0.3, "lam": 0.7, "sign_rule": "count", "divide_by": "all"}),
+            "ties_merge (ties at the threshold)": ((tied,), {"density": 0.4, "lam": 1.3, "sign_rule": "mass",
+                                                             "divide_by": "agreeing"})}

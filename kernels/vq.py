@@ -172,9 +172,9 @@ def vq_nearest_cupy(z, codebook):
 
 
 def example_inputs(shapes: dict, generator=None) -> dict:
-    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: N = B*T rows of width C, and
-    K = B*D - 1 codes (7 at `tiny`, 511 at `small`: one short of a power of two, so the last
-    thread block's share of the codes is partly empty).
+    """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: N = R rows of width C, and
+    K = max(B*D - 1, 143) codes (143 at `tiny`, 511 at `small`): more than a block of 128 threads, and
+    not a multiple of it, so the last pass over the codes is partly empty.
 
     `kernels.check.check_backend` compares the indices exactly, so neither case has a near-tie:
       "vq_nearest"          standard-normal codes (pairwise squared distances ~ 2C, the smallest
@@ -187,7 +187,7 @@ def example_inputs(shapes: dict, generator=None) -> dict:
                             expanded form, so the only ties are exact and go to the lower index.
     """
     from kernels.check import random_tensor
-    N, C, K = shapes["B"] * shapes["T"], shapes["C"], max(shapes["B"] * shapes["D"] - 1, 1)
+    N, C, K = shapes["R"], shapes["C"], max(shapes["B"] * shapes["D"] - 1, launch.GPU_BLOCK + 15)
     codebook = random_tensor((K, C), generator=generator)
     source = torch.randint(K, (N,), generator=generator)
     z = codebook[source] + random_tensor((N, C), generator=generator, scale=0.01)

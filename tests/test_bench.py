@@ -209,9 +209,9 @@ def test_shared_blocks_script_uses_the_small_preset_and_finds_its_kernels():
     spec.loader.exec_module(script)                             # defines the cases; runs nothing
     assert script.missing_kernels("cpu") == [], "attention/moe kernels are not registered yet"
     (q, k, v), kwargs = script.case_inputs("attention (sliding window)")("cpu", 0)
-    assert list(q.shape) == [16, 128, 4, 32] and list(k.shape) == [16, 128, 2, 32] and kwargs["window"] == 32
+    assert list(q.shape) == [16, 127, 4, 32] and list(k.shape) == [16, 127, 2, 32] and kwargs["window"] == 32
     (x, index, n_experts), _ = script.case_inputs("moe_dispatch")("cpu", 0)
-    assert list(x.shape) == [16 * 128, 128] and list(index.shape) == [16 * 128, 2] and n_experts == 4
+    assert list(x.shape) == [16 * 127, 128] and list(index.shape) == [16 * 127, 2] and n_experts == 4
     for case in ("attention", "attention (sliding window)"):
         (q, k, v), kwargs = script.case_inputs(case)("cpu", 0)
         assert_close(script.builtin_attention(q[:2], k[:2], v[:2], **kwargs),

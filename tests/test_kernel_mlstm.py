@@ -23,11 +23,10 @@ import torch
 
 import kernels
 from kernels import mlstm as mlstm_kernels
-from kernels.check import assert_close, example_shapes, poisoned_outputs, random_tensor
+from kernels.check import assert_close, poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
 from refimpl.synapse import MLSTMLayer, mlstm_recurrent
-
 
 
 def _inputs(B, T, H, Dk, Dv, dtype=torch.float32, device="cpu", seed=0, offset=2.0):
@@ -220,20 +219,6 @@ def test_kernels_use_reaches_the_mlstm_layer(dtype):
     assert_close(pieces, expected_pieces, "layer in two calls, state carried, with the numba mLSTM")
     for part, g, e in zip("Cnm", state[0], expected_state[0]):
         assert_close(g, e, f"layer's carried {part}")
-
-
-@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
-def test_mlstm_example_inputs(backend, dtype):
-    skip_unless_runnable(backend)
-    device = device_for(backend)
-    cases = mlstm_kernels.example_inputs(example_shapes("tiny"), torch.Generator().manual_seed(0))
-    assert list(cases) == ["mlstm"]
-    (args, kwargs), = cases.values()
-    args = tuple(tuple(s.to(dtype=dtype, device=device) for s in a) if isinstance(a, tuple)
-                 else a.to(dtype=dtype, device=device) for a in args)
-    with poisoned_outputs():
-        got = kernels.get("mlstm", backend)(*args, **kwargs)
-    _assert_same(got, kernels.get("mlstm", "reference")(*args, **kwargs), f"mlstm[{backend}] example")
 
 
 # ---------------------------------------------------------------- bad input

@@ -19,7 +19,7 @@ import torch
 
 import kernels
 from kernels import quant as quant_kernels
-from kernels.check import example_shapes, poisoned_outputs, random_tensor
+from kernels.check import poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
 from refimpl import quant
@@ -217,22 +217,6 @@ def test_dequantize_of_zero_length_rows_does_what_the_reference_does(backend, bi
 
 
 # ---------------------------------------------------------------- the examples, GPU size, the registry
-
-@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
-def test_quant_example_inputs_vs_reference(backend, dtype):
-    """The `tiny` examples (what `kernels.check.check_backend` runs); dtype is dequantize's scale."""
-    skip_unless_runnable(backend)
-    cases = quant_kernels.example_inputs(example_shapes("tiny"), torch.Generator().manual_seed(0))
-    assert {name.split(" ")[0] for name in cases} == {"pack_bits", "unpack_bits", "dequantize_packed"}
-    for name, (args, kwargs) in cases.items():
-        op = name.split(" ")[0]
-        expected = kernels.get(op, "reference")(*args, **kwargs)
-        args = tuple(a.to(dtype=dtype if a.is_floating_point() else a.dtype, device=device_for(backend))
-                     if isinstance(a, torch.Tensor) else a for a in args)
-        with poisoned_outputs():
-            got = kernels.get(op, backend)(*args, **kwargs)
-        _assert_equal(got, expected, f"{name}[{backend}]")
-
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("backend", ["numba", "numba_cuda", "cupy"])
