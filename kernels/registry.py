@@ -7,11 +7,13 @@
 Swapping rebinds the op's name in the module that defines its reference
 (`refimpl.ops.rms_norm`, say). Models call ops through their module, so they
 pick the kernel up; nothing falls back silently: an op is swapped or it is not,
-and `use` returns the list of what it swapped.
+and `use` yields what it swapped and counts each kernel's calls, so a swap that
+the model never reached (a layer taking another path) shows as never called.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from contextlib import contextmanager
 from typing import Callable
@@ -73,13 +75,50 @@ def replaced(op: str, backend: str, kernel: Callable):
         _REGISTRY[(op, backend)] = original
 
 
+class Swap(list):
+    """What `use` swapped in: the op names (it is a list of them), and how many times each kernel ran.
+
+        with kernels.use("numba", ops=["mlstm"]) as swapped:
+            model(idx)
+        swapped.calls            # {"mlstm": 4}
+        swapped.never_called()   # ops swapped in that the model never reached: a swap that proved nothing
+    """
+
+    def __init__(self, backend: str, names: list[str]):
+        super().__init__(names)
+        self.backend = backend
+        self.calls = {name: 0 for name in names}
+
+    def never_called(self) -> list[str]:
+        """The swapped ops whose kernel did not run once inside the block."""
+        return [name for name, count in self.calls.items() if count == 0]
+
+    def summary(self) -> str:
+        """One line: each op and how many calls its kernel took, then any op that never ran."""
+        ran = ", ".join(f"{name} x{count}" for name, count in self.calls.items() if count)
+        idle = self.never_called()
+        return (f"{self.backend} kernels that ran: {ran or 'none'}"
+                + (f"; swapped in but never called: {', '.join(idle)}" if idle else ""))
+
+
+def _counted(kernel: Callable, name: str, swap: Swap) -> Callable:
+    """`kernel`, adding one to swap.calls[name] on every call."""
+    @functools.wraps(kernel)
+    def counted(*args, **kwargs):
+        swap.calls[name] += 1
+        return kernel(*args, **kwargs)
+    return counted
+
+
 @contextmanager
 def use(backend: str, ops: list[str] | tuple[str, ...] | None = None):
     """Within the block, models run the `backend` kernels instead of the reference ops.
 
     ops=None swaps every op the backend implements; naming ops swaps exactly
-    those (each must exist). Yields the list of swapped op names. A backend
-    this machine cannot run (see `kernels.backend_status`) is refused up front.
+    those (each must exist). Yields a `Swap`: the list of swapped op names, with
+    the number of calls each kernel took (`never_called()` names the ones that
+    did not run). A backend this machine cannot run (see
+    `kernels.backend_status`) is refused up front.
     """
     from kernels.machine import backend_status  # late import: machine imports torch/numba
 
@@ -90,14 +129,15 @@ def use(backend: str, ops: list[str] | tuple[str, ...] | None = None):
         raise RuntimeError(f"backend {backend!r} cannot run on this machine: {problem}")
     names = list(ops) if ops is not None else [op for op, bs in registered().items() if backend in bs]
     kernels = {name: get(name, backend) for name in names}  # raises KernelNotFound first
+    swap = Swap(backend, names)
     originals = []
     try:
         for name, kernel in kernels.items():
             reference = get(name, "reference")
             module = sys.modules[reference.__module__]
             originals.append((module, reference.__name__, getattr(module, reference.__name__)))
-            setattr(module, reference.__name__, kernel)
-        yield names
+            setattr(module, reference.__name__, _counted(kernel, name, swap))
+        yield swap
     finally:
         for module, attr, original in reversed(originals):
             setattr(module, attr, original)

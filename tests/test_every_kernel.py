@@ -244,3 +244,23 @@ def test_the_edge_mutants_are_right_away_from_the_edge():
     torch.testing.assert_close(got, expected)
     tau = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))           # no ties: the same entries kept
     torch.testing.assert_close(_ties_keeping_exactly_keep(tau, 0.3), merging.ties_merge(tau, 0.3))
+
+
+# ---------------------------------------------------------------- honest swaps in the chapters
+
+def test_every_chapter_swap_that_names_ops_asserts_each_one_ran():
+    """A swap naming ops proves something only if the model reached them: each such `kernels.use(..., ops=...)`
+    in a chapter is followed, in its cell, by an assert on `never_called()` (which nbmake then executes)."""
+    import json
+    import re
+    from pathlib import Path
+    unchecked = []
+    for notebook in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb")):
+        for cell in json.loads(notebook.read_text())["cells"]:
+            source = "".join(cell["source"])
+            for swap in re.finditer(r"kernels\.use\([^)]*ops=[^)]*\)(?: as (\w+))?", source):
+                name = swap.group(1)
+                if not name or not re.search(rf"assert not {name}\.never_called\(\)", source[swap.end():]) \
+                        and not re.search(rf"for \w+ in \([^)]*\b{name}\b", source[swap.end():]):
+                    unchecked.append(f"{notebook.name}: {swap.group(0)}")
+    assert not unchecked, "swaps whose kernels are never shown to run:\n" + "\n".join(unchecked)

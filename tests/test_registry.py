@@ -33,11 +33,12 @@ def test_use_swaps_and_restores():
     original = ops.rms_norm
     with kernels.use("numba") as swapped:
         assert set(swapped) == set(kernels.registered())          # every op has a numba kernel
-        assert ops.rms_norm is kernels.get("rms_norm", "numba")
+        assert ops.rms_norm.__wrapped__ is kernels.get("rms_norm", "numba")   # the kernel, behind a call counter
     assert ops.rms_norm is original
     with pytest.raises(RuntimeError):
         with kernels.use("numba", ops=["rms_norm"]):
-            assert ops.rms_norm is kernels.get("rms_norm", "numba") and ops.attention is kernels.get("attention", "reference")
+            assert ops.rms_norm.__wrapped__ is kernels.get("rms_norm", "numba")
+            assert ops.attention is kernels.get("attention", "reference")
             raise RuntimeError("restored even when the block fails")
     assert ops.rms_norm is original
 
@@ -60,3 +61,18 @@ def test_model_under_numba_kernels_matches_the_reference(n_experts):
         with kernels.use("numba"):
             got, _ = model(idx)
     assert_close(got, expected, "BaselineLM logits, numba vs reference")
+
+
+def test_use_counts_each_kernels_calls_and_names_the_ones_never_called():
+    torch.manual_seed(0)
+    model = BaselineLM(BaselineConfig.preset("tiny", n_experts=0, window=16)).eval()      # dense: no MoE
+    idx = torch.randint(0, 256, (2, 12))
+    with torch.no_grad(), kernels.use("numba", ops=["rms_norm", "attention", "moe_dispatch"]) as swapped:
+        model(idx)
+        model(idx)
+    n_layers = model.cfg.n_layers
+    assert swapped.calls["attention"] == 2 * n_layers                    # one per layer per forward
+    assert swapped.calls["rms_norm"] >= 2 * (2 * n_layers + 1)           # two per layer and the final norm
+    assert swapped.never_called() == ["moe_dispatch"]
+    assert swapped.summary().endswith("swapped in but never called: moe_dispatch")
+    assert swapped == ["rms_norm", "attention", "moe_dispatch"]          # still the list of names
