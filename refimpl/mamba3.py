@@ -67,7 +67,7 @@ index). With Dm = H:
 Two forms: `mamba3_scan_recurrent`, the step loop (the ground truth), and `mamba3_scan_parallel`, one
 masked matrix product per chunk (what training runs; `mamba3_scan` is the op, on chunks of 64 tokens).
 
-Does not include: kernels (kernels/mamba3.py has them); several
+Does not include: kernels (kernels/mamba3_scan.py has them); several
 groups of B and C (the layer projects one B and one C for all heads, plus a bias per head, as the
 reference's default ngroups = 1 does); the
 optional gated RMSNorm before the output projection (`is_outproj_norm`); variable-length batches;

@@ -22,7 +22,7 @@ each flattened into one buffer). One call is exactly
 
 param, exp_avg (m) and exp_avg_sq (v) are updated in place; grad is read only. The only thing
 that couples the elements is the norm, so once it is known the update is element-wise: the
-kernels (kernels/adam.py) do one parallel reduction, then one element-wise pass.
+kernels (kernels/adam_clip_step.py) do one parallel reduction, then one element-wise pass.
 
 `FlatAdam` is an optimiser that calls this op once per step for the whole model. At construction
 it copies every parameter into one contiguous buffer and re-points each `p.data` (and `p.grad`)

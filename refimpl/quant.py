@@ -15,7 +15,7 @@ A row of zeros gets scale 1 (and stays zeros).
 
 Packing works on the last dimension of a tensor, row by row (`pack_bits`, `unpack_bits`), so a
 packed weight [R, bytes] can be dequantised row by row (`dequantize_packed`). These three are the
-ops the kernels in kernels/quant.py replace.
+ops the kernels in kernels/quant_packing.py replace.
 
 Glossary: R rows, K columns (a weight [R, K] as nn.Linear stores it), n values per packed row.
 

@@ -29,7 +29,7 @@ Two options from the literature, both here:
                    codebook does not collapse to the few codes the first batches happened to hit.
                    `usage()` and `perplexity()` measure how much of the codebook is in use.
 
-`vq_nearest` is the op a kernel may replace (kernels/vq.py): `VectorQuantizer` calls it as a
+`vq_nearest` is the op a kernel may replace (kernels/vq_nearest.py): `VectorQuantizer` calls it as a
 module global looked up at each call, so `with kernels.use("numba"):` swaps it in. It checks its
 arguments first (`check_vq_nearest_args`, which the kernels reuse) and raises ValueError naming
 the shapes it expected.

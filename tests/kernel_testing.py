@@ -47,3 +47,8 @@ def skip_unless_runnable(backend: str, work: int = 0) -> None:
 def ptx_entries(ptx: str) -> set[str]:
     """Names of the kernels (`.entry name(`) in PTX text."""
     return set(re.findall(r"\.entry\s+(\w+)\s*\(", ptx))
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    """A CPU generator with this seed: each test draws its inputs from its own."""
+    return torch.Generator().manual_seed(seed)

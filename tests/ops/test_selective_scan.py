@@ -146,7 +146,7 @@ def test_mamba_layer_with_numba_selective_scan_equals_reference():
         expected_steps = [layer(x[:, :5], state), layer(x[:, 5:], state)]   # carried scan and conv state
         with kernels.use("numba", ops=["selective_scan"]) as swapped:
             assert swapped == ["selective_scan"]
-            assert ssm.selective_scan is selective_scan_kernels.selective_scan_numba
+            assert ssm.selective_scan.__wrapped__ is selective_scan_kernels.selective_scan_numba   # behind a call counter
             got = layer(x)
             state = ssm.MambaState()
             got_steps = [layer(x[:, :5], state), layer(x[:, 5:], state)]

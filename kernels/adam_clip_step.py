@@ -39,7 +39,7 @@ The ladder
                 per block and one atomic add per block into a 1-element float64 device array;
                 kernel 2, one thread per element, reading the norm from that device array, so
                 nothing is copied back to the host between the passes.
-    cupy        adam.cu, adam_sum_of_squares and adam_clip_update: the same two kernels in CUDA C.
+    cupy        adam_clip_step.cu, adam_sum_of_squares and adam_clip_update: the same two kernels in CUDA C.
 Faster rungs (warp-shuffle reductions; a multi-tensor "apply" over a list of buffers instead of
 one flat buffer, as apex does; bf16 params with float32 master weights) are the GPU issue's work.
 """
@@ -66,7 +66,7 @@ register("adam_clip_step", "reference")(optim.adam_clip_step)
 IN_PLACE_ARGUMENTS = {"adam_clip_step": (0, 2, 3)}
 
 REDUCE_BLOCK = 128        # shared-memory length of numba_cuda's reduction; its launch uses <= this, a power of two
-CUPY_REDUCE_BLOCK = 256   # = ADAM_BLOCK in adam.cu: the reduction's block size there
+CUPY_REDUCE_BLOCK = 256   # = ADAM_BLOCK in adam_clip_step.cu: the reduction's block size there
 MAX_REDUCE_BLOCKS = 1024  # grid cap for the reductions: the grid-stride loop covers the rest (<= 1024 atomics)
 SIMULATOR_REDUCE_BLOCKS = 2  # under numba's simulator: still two blocks meeting in the atomic, few threads
 
@@ -212,14 +212,14 @@ def adam_clip_step_numba_cuda(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3
 
 # ---------------------------------------------------------------- CuPy raw CUDA
 
-CU_SOURCE = Path(__file__).with_name("adam.cu")
+CU_SOURCE = Path(__file__).with_name("adam_clip_step.cu")
 CUPY_ENTRY_POINTS = ("adam_sum_of_squares", "adam_clip_update")  # the kernels this file launches
 
 
 @register("adam_clip_step", "cupy")
 def adam_clip_step_cupy(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                         weight_decay=0.0, max_norm=None):
-    """CuPy Adam + clipping (the two kernels of adam.cu), float32 CUDA, updated in place. Returns the norm (0-dim)."""
+    """CuPy Adam + clipping (the two kernels of adam_clip_step.cu), float32 CUDA, updated in place. Returns the norm (0-dim)."""
     N, step_size, bc2_sqrt = _prepare(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
                                       max_norm, "cupy", (torch.float32,))
     norm_sq = torch.zeros(1, dtype=torch.float64, device=param.device)

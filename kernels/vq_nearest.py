@@ -25,7 +25,7 @@ The ladder
                 then a shared-memory tree reduction halves the candidates log2(blockDim) times,
                 preferring the lower index on equal distances. Every thread reads the same z_n
                 element at once (a broadcast); the codebook reads are strided by C across threads.
-    cupy        vq.cu, vq_nearest_row_per_block: the same in CUDA C.
+    cupy        vq_nearest.cu, vq_nearest_row_per_block: the same in CUDA C.
 Faster rungs (codebook tiles staged in shared memory and reused by several rows per block; the
 expanded form's z.c as a tensor-core GEMM with the argmin fused into its epilogue, then an exact
 re-check of the few candidates within the rounding bound, as similarity-search libraries do) are
@@ -55,7 +55,7 @@ from refimpl import vq
 register("vq_nearest", "reference")(vq.vq_nearest)
 
 MAX_BLOCK = 128          # numba_cuda: shared-memory length of the reduction; a launch uses a power of two <= this
-CUPY_BLOCK = 128         # = VQ_BLOCK in vq.cu: the CUDA C kernel's (fixed) block size
+CUPY_BLOCK = 128         # = VQ_BLOCK in vq_nearest.cu: the CUDA C kernel's (fixed) block size
 INT32_MAX = 2 ** 31 - 1  # the CUDA versions index codes with int and launch one block per row
 
 
@@ -156,7 +156,7 @@ def vq_nearest_numba_cuda(z, codebook):
 
 # ---------------------------------------------------------------- CuPy raw CUDA
 
-CU_SOURCE = Path(__file__).with_name("vq.cu")
+CU_SOURCE = Path(__file__).with_name("vq_nearest.cu")
 CUPY_ENTRY_POINTS = ("vq_nearest_row_per_block",)  # the kernels this file launches
 
 

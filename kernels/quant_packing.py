@@ -36,11 +36,11 @@ The ladder
     numba_cuda  v1 (registered): one GPU thread per group. Neighbouring threads own neighbouring
                 groups, so a warp's byte loads and stores fall in a few contiguous 32-byte
                 segments (coalesced, but one byte per instruction).
-    cupy        quant.cu: pack_bits_group_per_thread, unpack_bits_group_per_thread,
+    cupy        quant_packing.cu: pack_bits_group_per_thread, unpack_bits_group_per_thread,
                 dequantize_packed_group_per_thread, the same in CUDA C.
 One worker's whole job (`_pack_group`; `_group_codes` for unpacking) is written once here in
 Python and compiled for both numba targets, which differ only in how the workers are numbered;
-quant.cu spells it out again in C.
+quant_packing.cu spells it out again in C.
 
 Faster rung, for the GPU issue: each thread handles four INT6 groups = 16 values = 12 bytes =
 three 32-bit words. Packing, it loads its 16 int8 values with one 128-bit load and stores three
@@ -57,7 +57,7 @@ dequantize_packed returns float32 like the reference and computes as it does,
 float32(value) * float32(scale): the scale may be float32 or float64 for numba (a float64 scale
 is rounded to float32 first, as `scale.float()` does), float32 only for the CUDA backends.
 The product is one correctly rounded float32 multiply on every backend, so it equals the
-reference bit for bit. Indices are 64-bit throughout (numba's cuda.grid(1) is int64; quant.cu
+reference bit for bit. Indices are 64-bit throughout (numba's cuda.grid(1) is int64; quant_packing.cu
 uses long long), so there is no size limit below what memory holds.
 """
 
@@ -314,7 +314,7 @@ def dequantize_packed_numba_cuda(packed, scale, n, bits):
 
 # ---------------------------------------------------------------- CuPy raw CUDA
 
-CU_SOURCE = Path(__file__).with_name("quant.cu")
+CU_SOURCE = Path(__file__).with_name("quant_packing.cu")
 CUPY_ENTRY_POINTS = ("pack_bits_group_per_thread", "unpack_bits_group_per_thread",
                      "dequantize_packed_group_per_thread")  # the kernels this file launches
 

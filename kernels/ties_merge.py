@@ -34,7 +34,7 @@ The ladder
     numba_cuda  v1 (registered): stage (a) one block per row, the 31-round bitwise select with
                 a shared-memory tree count each round; stage (b) one thread per parameter
                 (neighbouring threads read neighbouring parameters: coalesced).
-    cupy        ties.cu: ties_threshold_radix_select (the same select, counts summed with warp
+    cupy        ties_merge.cu: ties_threshold_radix_select (the same select, counts summed with warp
                 shuffles) and ties_merge_parameter_per_thread.
 Faster rungs: stage (a) uses only K blocks (K is small: a few SMs of a GPU); spreading each row
 over many blocks (a histogram of 8-bit digits, 4 rounds, global counts) is the GPU issue's work.
@@ -211,7 +211,7 @@ def ties_merge_numba_cuda(tau, density=0.2, lam=1.0, sign_rule="mass", divide_by
 
 # ---------------------------------------------------------------- CuPy raw CUDA
 
-CU_SOURCE = Path(__file__).with_name("ties.cu")
+CU_SOURCE = Path(__file__).with_name("ties_merge.cu")
 CUPY_ENTRY_POINTS = ("ties_threshold_radix_select", "ties_merge_parameter_per_thread")  # the kernels launched
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import quant as quant_kernels
+from kernels import quant_packing as quant_kernels
 from kernels.check import poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
@@ -242,7 +242,7 @@ def test_use_swaps_the_quant_ops_in():
         assert kernels.registered()[op] == list(kernels.BACKENDS)
     values = _values((3, 9), 6, seed=8)
     with kernels.use("numba", ops=ops) as swapped:
-        assert swapped == ops and quant.pack_bits is quant_kernels.pack_bits_numba
+        assert swapped == ops and quant.pack_bits.__wrapped__ is quant_kernels.pack_bits_numba
         packed = quant.pack_bits(values, 6)
         assert torch.equal(quant.unpack_bits(packed, 9, 6), values)
     assert quant.pack_bits is original

@@ -19,13 +19,13 @@
 //                        then a shared-memory tree over the block (log2(ADAM_BLOCK) halvings) and
 //                        one atomicAdd per block. Launch: ADAM_BLOCK threads, at most a few
 //                        thousand blocks (the grid-stride loop covers the rest), so at most that
-//                        many atomics. Accumulated in double (see kernels/adam.py; atomicAdd on double
+//                        many atomics. Accumulated in double (see kernels/adam_clip_step.py; atomicAdd on double
 //                        needs sm_60+).
 //   adam_clip_update     one thread per element, any block size; every thread recomputes the same
 //                        clip coefficient from norm_sq (one broadcast load, a sqrt and a divide,
 //                        nothing next to the five streams of n floats it reads and writes).
 
-#define ADAM_BLOCK 256  // threads per block of adam_sum_of_squares: a power of two (kernels/adam.py uses it)
+#define ADAM_BLOCK 256  // threads per block of adam_sum_of_squares: a power of two (kernels/adam_clip_step.py uses it)
 
 extern "C" __global__ void adam_sum_of_squares(const float* __restrict__ grad, double* __restrict__ norm_sq,
                                                long long n) {

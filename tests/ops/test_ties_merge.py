@@ -1,7 +1,7 @@
 """The TIES-merging kernels against `refimpl.merging.ties_merge`, on every backend, every option.
 
 Which entries survive the trim must match the reference exactly, so the per-row thresholds
-(stage (a), `kernels.ties.TRIM_THRESHOLDS`) are checked for equality with torch.topk's, on rows
+(stage (a), `kernels.ties_merge.TRIM_THRESHOLDS`) are checked for equality with torch.topk's, on rows
 built to be hard: repeated magnitudes, neighbouring floats one ulp apart, subnormals, zeros.
 The merged values (stage (b)) are sums, checked to the dtype's tolerance. Outputs are poisoned
 with NaN before a kernel writes them. numba_cuda runs through numba's CUDA simulator when there
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import ties as ties_kernels
+from kernels import ties_merge as ties_kernels
 from kernels.check import assert_close, example_shapes, poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, skip_unless_runnable

@@ -11,7 +11,7 @@ The ladder
                 v2_block_per_row (registered): a block of threads strides along
                 one row (coalesced reads), then halves a shared-memory array
                 log2(threads) times to get the sum.
-    cupy        rmsnorm.cu, the same two steps in CUDA C: rms_norm_block_per_row
+    cupy        rms_norm.cu, the same two steps in CUDA C: rms_norm_block_per_row
                 (shared-memory tree) and rms_norm_warp_shuffle (each warp sums with
                 __shfl_down_sync, then one warp sums the warp totals; fewer barriers).
 """
@@ -131,7 +131,7 @@ NUMBA_CUDA_LADDER = {"v1_thread_per_row": rms_norm_numba_cuda_v1, "v2_block_per_
 
 # ---------------------------------------------------------------- CuPy raw CUDA
 
-CU_SOURCE = Path(__file__).with_name("rmsnorm.cu")
+CU_SOURCE = Path(__file__).with_name("rms_norm.cu")
 CUPY_ENTRY_POINTS = ("rms_norm_block_per_row", "rms_norm_warp_shuffle")  # the kernels this file launches
 
 

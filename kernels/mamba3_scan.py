@@ -33,7 +33,7 @@ The ladder
                 of x and writes of y coalesce. The p == 0 thread writes the final angle and
                 B_prev of its pair; the starting ones are separate read-only inputs (a thread
                 of the pair in a later block may not have read them yet).
-    cupy        mamba3.cu, mamba3_scan_row_per_thread: the same in CUDA C.
+    cupy        mamba3_scan.cu, mamba3_scan_row_per_thread: the same in CUDA C.
 Faster rungs (one block per (b, h) pair computing phi, cos/sin, B~_t and C~_t once per token into
 shared memory for its P threads; rank-R updates on tensor cores; the chunked matrix form) are the
 GPU issue's work. The CUDA versions need compile-time array bounds: N <= MAX_STATE_DIM and
@@ -307,7 +307,7 @@ def mamba3_scan_numba_cuda(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, init
 
 # ---------------------------------------------------------------- CuPy raw CUDA
 
-CU_SOURCE = Path(__file__).with_name("mamba3.cu")
+CU_SOURCE = Path(__file__).with_name("mamba3_scan.cu")
 CUPY_ENTRY_POINTS = ("mamba3_scan_row_per_thread",)  # the kernels this file launches
 
 

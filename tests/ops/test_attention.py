@@ -1,0 +1,93 @@
+"""Attention's kernels against `refimpl.ops.attention`: causal GQA, windows of 1 and wider than T, decode
+and chunk shapes, large logits, strided inputs, and bad input. Outputs are poisoned with NaN (floats) or -1
+(indices) before a kernel writes them; numba_cuda runs on numba's CUDA simulator when there is no GPU
+(the biggest cases then skip with a reason), cupy cases skip without a GPU. The check every kernel
+passes (tests/test_every_kernel.py) runs beside these.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import attention as attention_kernels
+from kernels.check import assert_close, poisoned_outputs, random_tensor
+from kernels.machine import device_for
+from kernel_testing import BACKEND_DTYPES, seeded, skip_unless_runnable
+
+
+# id -> (B, T, S, H, G, D, causal, window)
+ATTENTION_CASES = {
+    "B2-T63-H4-G2-D60-full": (2, 63, 63, 4, 2, 60, True, None),
+    "B1-T33-H3-G1-D16-window7": (1, 33, 33, 3, 1, 16, True, 7),
+    "B2-T9-H2-G2-D8-window1": (2, 9, 9, 2, 2, 8, True, 1),
+    "B1-T12-H4-G2-D8-window-covers-T": (1, 12, 12, 4, 2, 8, True, 40),
+    "decode-T1-S20-H6-G3-D12": (2, 1, 20, 6, 3, 12, True, None),
+    "chunk-T5-S17-H4-G4-D10-window6": (1, 5, 17, 4, 4, 10, True, 6),
+    "noncausal-T7-S11-H2-G1-D6": (1, 7, 11, 2, 1, 6, False, None),
+}
+LARGE_LOGITS = 8.0  # q scaled up so scores span tens of units: the softmax's max-rescaling must hold
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES.values(), ids=ATTENTION_CASES.keys())
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
+def test_attention_kernel_vs_reference(backend, case, dtype):
+    B, T, S, H, G, D, causal, window = case
+    skip_unless_runnable(backend, work=B * T * H * S * D)
+    g, device = seeded(3), device_for(backend)
+    q = random_tensor((B, T, H, D), dtype, device, g)
+    k = random_tensor((B, S, G, D), dtype, device, g)
+    v = random_tensor((B, S, G, D), dtype, device, g)
+    for q_scale in (1.0, LARGE_LOGITS):
+        expected = kernels.get("attention", "reference")(q * q_scale, k, v, causal=causal, window=window)
+        with poisoned_outputs():
+            got = kernels.get("attention", backend)(q * q_scale, k, v, causal=causal, window=window)
+        assert_close(got, expected, f"attention[{backend}], q x {q_scale}")
+
+
+@pytest.mark.parametrize("backend", ["numba", "numba_cuda"])
+def test_attention_kernel_takes_non_contiguous_inputs(backend):
+    skip_unless_runnable(backend)
+    g, device = seeded(6), device_for(backend)
+    q = random_tensor((1, 10, 8, 2), device=device, generator=g).transpose(2, 3)   # [1, 10, 2, 8], heads strided
+    k = random_tensor((1, 20, 1, 8), device=device, generator=g)[:, ::2]           # [1, 10, 1, 8], every other step
+    v = random_tensor((1, 20, 1, 8), device=device, generator=g)[:, 1::2]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    with poisoned_outputs():
+        got = kernels.get("attention", backend)(q, k, v, window=3)
+    assert_close(got, kernels.get("attention", "reference")(q, k, v, window=3), f"strided attention[{backend}]")
+
+
+def test_attention_cupy_at_gpu_size():
+    skip_unless_runnable("cupy")
+    g = seeded(4)
+    q = random_tensor((4, 256, 8, 64), device="cuda", generator=g)
+    k = random_tensor((4, 256, 2, 64), device="cuda", generator=g)
+    v = random_tensor((4, 256, 2, 64), device="cuda", generator=g)
+    for window in (None, 64):
+        with poisoned_outputs():
+            got = attention_kernels.attention_cupy(q, k, v, window=window)
+        assert_close(got, kernels.get("attention", "reference")(q, k, v, window=window), f"window={window}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_attention_bad_shapes_are_value_errors(backend):
+    fn = kernels.get("attention", backend)
+    q, kv = torch.randn(1, 4, 3, 8), torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        fn(q, kv, kv)                                    # 3 query heads over 2 KV heads
+    with pytest.raises(ValueError, match="4-D"):
+        fn(torch.randn(4, 3, 8), kv, kv)                 # wrong rank
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        fn(torch.randn(1, 4, 2, 8), kv, kv, window=0)
+    with pytest.raises(ValueError, match="T <= S"):
+        fn(torch.randn(1, 6, 2, 8), kv, kv)
+
+
+@pytest.mark.parametrize("backend", ["numba_cuda", "cupy"])
+def test_head_dim_beyond_the_cuda_accumulator_is_a_value_error(backend):
+    skip_unless_runnable(backend)
+    q = torch.randn(1, 2, 1, attention_kernels.MAX_HEAD_DIM + 2, device=device_for(backend))
+    with pytest.raises(ValueError, match=f"head dimension D <= {attention_kernels.MAX_HEAD_DIM}"):
+        kernels.get("attention", backend)(q, q, q)
