@@ -23,35 +23,15 @@ if str(ROOT) not in sys.path:
 
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
-from kernels.bench import benchmark_op, measure_ceilings, provenance, save_and_report, script_options  # noqa: E402
-from kernels.check import example_inputs, example_shapes  # noqa: E402
+from kernels.bench import Case, example_case, run_benchmark  # noqa: E402
 from refimpl.gated_deltanet import gated_delta_rule_chunked, gated_delta_rule_recurrent  # noqa: E402
 
-BACKENDS = {"cpu": ["numba"], "cuda": ["numba_cuda", "cupy"]}
-
-
-def make_inputs(device: str, seed: int):
-    _, args, kwargs = example_inputs("small", device, seed=2000 + seed)["gated_delta_rule"]
-    return args, kwargs
+CASES = [Case("gated_delta_rule", example_case("gated_delta_rule", 2000), "gated delta rule",
+              gated_delta_rule_recurrent, {"chunked (refimpl op)": gated_delta_rule_chunked})]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, timing = script_options(__doc__.split("\n\n")[0], argv)
-    info = provenance()
-    ceilings = measure_ceilings(args.device, quick=args.quick)
-    print(f"device {args.device}; gated delta rule at {example_shapes('small')} ...", flush=True)
-    result = benchmark_op("gated_delta_rule", make_inputs, ["chunked (refimpl op)"] + BACKENDS[args.device],
-                          compile=not args.quick, device=args.device, label="gated delta rule",
-                          reference=gated_delta_rule_recurrent,
-                          kernel_overrides={"chunked (refimpl op)": gated_delta_rule_chunked},
-                          ceilings=ceilings, **timing)
-    record = {"benchmark": "gated_delta_rule", "script": "benchmarks/gated_delta_rule.py",
-              "settings": {"device": args.device, "quick": args.quick, "compile": not args.quick,
-                           "reference": "gated_delta_rule_recurrent (step loop)", "timing": timing,
-                           "shapes": example_shapes("small")},
-              "provenance": info, "ceilings": ceilings, "results": [result]}
-    return save_and_report(record, ROOT / "benchmarks" / "results" / f"gated_delta_rule_{args.device}.json",
-                           ROOT / "figures" / "benchmarks" / f"gated_delta_rule_{args.device}.png")
+    return run_benchmark("gated_delta_rule", __doc__, CASES, argv)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
 import torch  # noqa: E402
-from kernels.bench import run_chapter_benchmark  # noqa: E402
+from kernels.bench import Case, run_benchmark  # noqa: E402
 from kernels.check import random_tensor  # noqa: E402
 from refimpl import geometric  # noqa: E402
 from refimpl.geometric import GeometricConfig  # noqa: E402
@@ -38,12 +38,6 @@ for name, rows in (("small", 2048), ("paper", 64)):
     cfg = GeometricConfig.preset(name)
     SHAPES[f"modulated_linear {name} layer"] = dict(N=rows, I=cfg.d_model, O=cfg.ffn_hidden, M=cfg.n_wavelets,
                                                    r=cfg.rank)
-
-OTHERS = {"materialise W_eff, then matmul": geometric.modulated_linear_materialised}
-# (label, case, the truth and baseline, {name: other PyTorch form timed beside it})
-CASES = [(f"modulated linear, {case.split()[1]} layer {s['I']}->{s['O']}, M={s['M']} r={s['r']}, {s['N']} rows",
-          case, geometric.modulated_linear, OTHERS) for case, s in SHAPES.items()]
-
 
 def case_inputs(case: str):
     s = SHAPES[case]
@@ -61,8 +55,14 @@ def case_inputs(case: str):
     return make
 
 
+OTHERS = {"materialise W_eff, then matmul": geometric.modulated_linear_materialised}
+CASES = [Case("modulated_linear", case_inputs(case), f"modulated linear, {case.split()[1]} layer {s['I']}->{s['O']}, "
+                                                       f"M={s['M']} r={s['r']}, {s['N']} rows",
+              geometric.modulated_linear, OTHERS) for case, s in SHAPES.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_chapter_benchmark("geometric", __doc__, CASES, case_inputs, argv)
+    return run_benchmark("geometric", __doc__, CASES, argv)
 
 
 if __name__ == "__main__":

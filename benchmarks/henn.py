@@ -25,32 +25,25 @@ if str(ROOT) not in sys.path:
 
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
-from kernels.bench import run_chapter_benchmark  # noqa: E402
-from kernels.check import example_inputs  # noqa: E402
+from kernels.bench import Case, example_case, run_benchmark  # noqa: E402
 from refimpl import mamba3, quant  # noqa: E402
 
 
-# (label, example case, the truth and baseline, {name: other PyTorch form timed beside it})
 CASES = [
-    ("Mamba-3 scan (MIMO 2, rotating, trapezoid)", "mamba3_scan", mamba3.mamba3_scan_recurrent,
-     {"chunked matrix form": mamba3.mamba3_scan}),
-    ("pack INT6", "pack_bits int6 [B, H, T*D + 3]", quant.pack_bits, {}),
-    ("unpack INT6", "unpack_bits int6 [B, H, bytes]", quant.unpack_bits, {}),
-    ("dequantise packed INT6", "dequantize_packed int6 [B*H, bytes]", quant.dequantize_packed, {}),
-    ("pack INT4", "pack_bits int4 [B, H, T*D + 3]", quant.pack_bits, {}),
-    ("dequantise packed INT4", "dequantize_packed int4 [B*H, bytes]", quant.dequantize_packed, {}),
+    Case("mamba3_scan", example_case("mamba3_scan", 2000), "Mamba-3 scan (MIMO 2, rotating, trapezoid)",
+         mamba3.mamba3_scan_recurrent, {"chunked matrix form": mamba3.mamba3_scan}),
+    Case("pack_bits", example_case("pack_bits int6 [B, H, T*D + 3]", 2000), "pack INT6", quant.pack_bits),
+    Case("unpack_bits", example_case("unpack_bits int6 [B, H, bytes]", 2000), "unpack INT6", quant.unpack_bits),
+    Case("dequantize_packed", example_case("dequantize_packed int6 [B*H, bytes]", 2000), "dequantise packed INT6",
+         quant.dequantize_packed),
+    Case("pack_bits", example_case("pack_bits int4 [B, H, T*D + 3]", 2000), "pack INT4", quant.pack_bits),
+    Case("dequantize_packed", example_case("dequantize_packed int4 [B*H, bytes]", 2000), "dequantise packed INT4",
+         quant.dequantize_packed),
 ]
 
 
-def case_inputs(case: str):
-    def make(device: str, seed: int):
-        _, args, kwargs = example_inputs("small", device, seed=2000 + seed)[case]
-        return args, kwargs
-    return make
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run_chapter_benchmark("henn", __doc__, CASES, case_inputs, argv)
+    return run_benchmark("henn", __doc__, CASES, argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python benchmarks/shared_blocks.py                  # CPU: numba vs reference, torch.compile, eager built-ins
     python benchmarks/shared_blocks.py --device cuda    # GPU: numba_cuda and cupy
-    python benchmarks/shared_blocks.py --quick          # fewer runs (smoke test)
+    python benchmarks/shared_blocks.py --quick          # fewer runs, no torch.compile (smoke test)
 
 Cases (the `small` preset: d_model C = 128, H = 4 heads, G = 2 kv heads, D = 32, B = 16, and T = 127, one short
 of its 128 so that no chunk size divides it;
@@ -24,7 +24,6 @@ correctness tool, not a timing target; cupy needs a GPU); on CUDA `numba_cuda` a
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path
@@ -37,13 +36,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
-from kernels.bench import benchmark_op, measure_ceilings, provenance, save_and_report  # noqa: E402
-from kernels.check import example_inputs, example_shapes  # noqa: E402
+from kernels.bench import BACKENDS, Case, example_case, run_benchmark  # noqa: E402
+from kernels.check import example_shapes  # noqa: E402
 from refimpl import ops  # noqa: E402
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
-FIGURES_DIR = ROOT / "figures" / "benchmarks"
-BACKENDS = {"cpu": ["numba"], "cuda": ["numba_cuda", "cupy"]}
 
 # The `small` preset's shapes: the same ones the tests and the overview check (kernels.check.example_shapes).
 SHAPES = example_shapes("small")
@@ -52,14 +48,9 @@ E, TOP_K, WINDOW = SHAPES["E"], SHAPES["k"], SHAPES["window"]
 N = B * T
 
 
-# ---------------------------------------------------------------- inputs: make_inputs(device, seed) -> (args, kwargs)
-
 def case_inputs(case: str):
-    """The inputs of one of `kernels.check.example_inputs("small")`'s cases (the ones the tests check)."""
-    def make(device: str, seed: int):
-        _, args, kwargs = example_inputs("small", device, seed=1000 + seed)[case]
-        return args, kwargs
-    return make
+    """make_inputs(device, seed) for one of `kernels.check.example_inputs("small")`'s cases (the ones the tests check)."""
+    return example_case(case, 1000)
 
 
 # ---------------------------------------------------------------- eager PyTorch built-ins, with the ops' signatures
@@ -92,17 +83,17 @@ def attention_flops(window: int | None) -> int:
     return 4 * D * pairs * H * B
 
 
-CASES = [
-    # (label, op, make_inputs, eager built-in, flops)
-    ("rms_norm", "rms_norm", case_inputs("rms_norm"), builtin_rms_norm, None),
-    ("attention (causal GQA)", "attention", case_inputs("attention"), builtin_attention, attention_flops(None)),
-    (f"attention (window {WINDOW})", "attention", case_inputs("attention (sliding window)"), builtin_attention,
-     attention_flops(WINDOW)),
-    ("moe_dispatch", "moe_dispatch", case_inputs("moe_dispatch"), None, None),
-    ("moe_combine", "moe_combine", case_inputs("moe_combine"), None, None),
-]
 BUILTIN_NAMES = {"rms_norm": "torch.nn.functional.rms_norm",
                  "attention": "torch.nn.functional.scaled_dot_product_attention (enable_gqa)"}
+CASES = [
+    Case("rms_norm", case_inputs("rms_norm"), eager_builtin=builtin_rms_norm, eager_builtin_name=BUILTIN_NAMES["rms_norm"]),
+    Case("attention", case_inputs("attention"), "attention (causal GQA)", eager_builtin=builtin_attention,
+         eager_builtin_name=BUILTIN_NAMES["attention"], flops=attention_flops(None)),
+    Case("attention", case_inputs("attention (sliding window)"), f"attention (window {WINDOW})",
+         eager_builtin=builtin_attention, eager_builtin_name=BUILTIN_NAMES["attention"], flops=attention_flops(WINDOW)),
+    Case("moe_dispatch", case_inputs("moe_dispatch")),
+    Case("moe_combine", case_inputs("moe_combine")),
+]
 
 
 # ---------------------------------------------------------------- run
@@ -111,52 +102,17 @@ def missing_kernels(device: str) -> list[str]:
     """'op: backend' for every kernel this benchmark needs that is not registered."""
     have = kernels.registered()
     needed = ["reference"] + BACKENDS[device]
-    return [f"{op}: {backend}" for op in dict.fromkeys(case[1] for case in CASES)
+    return [f"{op}: {backend}" for op in dict.fromkeys(case.op for case in CASES)
             for backend in needed if backend not in have.get(op, [])]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer timed runs and smaller ceiling measurements")
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (it takes tens of seconds per op on a CPU)")
-    args = parser.parse_args(argv)
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: torch.cuda.is_available() is False on this machine; run with --device cpu", file=sys.stderr)
-        return 2
-    missing = missing_kernels(args.device)
+    missing = missing_kernels("cpu")
     if missing:
         print("cannot benchmark: these kernels are not registered (importing `kernels` registers them): "
               + ", ".join(missing) + f"\nregistered: {kernels.registered()}", file=sys.stderr)
         return 1
-
-    timing = {"repeats": 5, "min_seconds": 0.05, "warmup": 2} if args.quick else {"repeats": 30, "min_seconds": 1.0, "warmup": 3}
-    if args.device == "cuda":
-        timing = {"repeats": 20 if args.quick else 200, "warmup": timing["warmup"]}
-
-    info = provenance()  # before the run, so its load average says how busy the machine was beforehand
-    print(f"device {args.device}; backends {BACKENDS[args.device]}; measuring ceilings ...", flush=True)
-    ceilings = measure_ceilings(args.device, quick=args.quick)
-    results = []
-    for label, op, make_inputs, builtin, flops in CASES:
-        print(f"{label} ...", flush=True)
-        results.append(benchmark_op(op, make_inputs, BACKENDS[args.device], compile=not args.no_compile,
-                                    eager_builtin=builtin, eager_builtin_name=BUILTIN_NAMES.get(op),
-                                    device=args.device, label=label, ceilings=ceilings, flops=flops, **timing))
-
-    record = {
-        "benchmark": "shared_blocks",
-        "script": "benchmarks/shared_blocks.py",
-        "settings": {"device": args.device, "quick": args.quick, "compile": not args.no_compile,
-                     "backends": BACKENDS[args.device], "preset": "small", "timing": timing,
-                     "shapes": {**SHAPES, "N": N}},
-        "provenance": info,
-        "ceilings": ceilings,
-        "results": results,
-    }
-    return save_and_report(record, RESULTS_DIR / f"shared_blocks_{args.device}.json",
-                           FIGURES_DIR / f"shared_blocks_{args.device}.png")
+    return run_benchmark("shared_blocks", __doc__, CASES, argv, settings={"preset": "small", "N": N})
 
 
 if __name__ == "__main__":

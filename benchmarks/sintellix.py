@@ -24,34 +24,19 @@ if str(ROOT) not in sys.path:
 
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
-from kernels.bench import run_chapter_benchmark  # noqa: E402
-from kernels.check import example_inputs  # noqa: E402
+from kernels.bench import Case, example_case, run_benchmark  # noqa: E402
 from refimpl import grid_attention, optim, vq  # noqa: E402
 
-SMALL_CASES = example_inputs("small")
-
-
-def _case(prefix: str) -> str:
-    return next(c for c in SMALL_CASES if c.startswith(prefix))
-
-
-# (label, example case, the truth and baseline, {name: other PyTorch form timed beside it})
 CASES = [
-    ("3D neighbourhood attention (radius 1)", _case("neighbourhood_attention"), grid_attention.neighbourhood_attention, {}),
-    ("nearest-code search", _case("vq_nearest"), vq.vq_nearest, {}),
-    ("Adam step with clipping", _case("adam_clip_step"), optim.adam_clip_step, {}),
+    Case("neighbourhood_attention", example_case("neighbourhood_attention", 3000),
+         "3D neighbourhood attention (radius 2)", grid_attention.neighbourhood_attention),
+    Case("vq_nearest", example_case("vq_nearest", 3000), "nearest-code search", vq.vq_nearest),
+    Case("adam_clip_step", example_case("adam_clip_step", 3000), "Adam step with clipping", optim.adam_clip_step),
 ]
 
 
-def case_inputs(case: str):
-    def make(device: str, seed: int):
-        _, args, kwargs = example_inputs("small", device, seed=3000 + seed)[case]
-        return args, kwargs
-    return make
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run_chapter_benchmark("sintellix", __doc__, CASES, case_inputs, argv)
+    return run_benchmark("sintellix", __doc__, CASES, argv)
 
 
 if __name__ == "__main__":

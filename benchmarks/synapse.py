@@ -28,31 +28,22 @@ if str(ROOT) not in sys.path:
 
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
-from kernels.bench import run_chapter_benchmark  # noqa: E402
-from kernels.check import example_inputs  # noqa: E402
+from kernels.bench import Case, example_case, run_benchmark  # noqa: E402
 from refimpl import merging, ssm, synapse  # noqa: E402
 
 
-# (label, op, the truth and baseline, {name: other PyTorch form timed beside it})
 CASES = [
-    ("selective scan (S6)", "selective_scan", ssm.selective_scan_recurrent,
-     {"chunked form": ssm.selective_scan_chunked}),
-    ("mLSTM (stabilised)", "mlstm", synapse.mlstm_recurrent, {}),
-    ("fast-weight memory", "fast_weight_memory", synapse.fast_weight_memory_recurrent,
-     {"parallel form": synapse.fast_weight_memory_parallel}),
-    ("TIES merge", "ties_merge", merging.ties_merge, {}),
+    Case("selective_scan", example_case("selective_scan", 3000), "selective scan (S6)",
+         ssm.selective_scan_recurrent, {"chunked form": ssm.selective_scan_chunked}),
+    Case("mlstm", example_case("mlstm", 3000), "mLSTM (stabilised)", synapse.mlstm_recurrent),
+    Case("fast_weight_memory", example_case("fast_weight_memory", 3000), "fast-weight memory",
+         synapse.fast_weight_memory_recurrent, {"parallel form": synapse.fast_weight_memory_parallel}),
+    Case("ties_merge", example_case("ties_merge", 3000), "TIES merge", merging.ties_merge),
 ]
 
 
-def case_inputs(op: str):
-    def make(device: str, seed: int):
-        _, args, kwargs = example_inputs("small", device, seed=3000 + seed)[op]
-        return args, kwargs
-    return make
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run_chapter_benchmark("synapse", __doc__, CASES, case_inputs, argv)
+    return run_benchmark("synapse", __doc__, CASES, argv)
 
 
 if __name__ == "__main__":

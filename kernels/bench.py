@@ -1,7 +1,6 @@
 """The benchmark harness: correctness first, then timing, every figure a ratio measured side by side.
 
-    result = benchmark_op("rms_norm", make_inputs, ["numba"], device="cpu",
-                          eager_builtin=my_rms_norm_adapter)
+    result = benchmark_op(Case("rms_norm", make_inputs, eager_builtin=my_rms_norm_adapter), ["numba"])
     result["variants"]["numba"]["speedup_vs_reference"]      # > 1 means faster than refimpl.ops
 
 What is measured, and how
@@ -40,7 +39,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -51,7 +50,8 @@ from kernels.machine import backend_status, cuda_simulator_enabled
 from kernels.registry import get
 from refimpl.io import save_figure_atomically
 
-__all__ = ["Timing", "time_cpu", "time_cuda", "measure_ceilings", "provenance", "benchmark_op", "plot_ratios",
+__all__ = ["Timing", "time_cpu", "time_cuda", "measure_ceilings", "provenance", "Case", "TimerSettings",
+           "benchmark_op", "run_benchmark", "plot_ratios",
            "print_table", "results_markdown",
            "json_safe"]
 
@@ -344,116 +344,145 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def benchmark_op(op: str, make_inputs: Callable[[str, int], tuple[tuple, dict]], backends: list[str] | tuple[str, ...],
-                 *, compile: bool = True, eager_builtin: Callable | None = None, eager_builtin_name: str | None = None,
-                 device: str = "cpu", label: str | None = None, kernel_overrides: dict[str, Callable] | None = None,
-                 ceilings: dict | None = None, flops: float | None = None, warmup: int = 3,
-                 repeats: int | None = None, min_seconds: float = 0.5, n_input_sets: int = 4,
-                 reference: Callable | None = None) -> dict:
-    """Gate, then time, every variant of `op` on the same inputs; return plain data for JSON.
+@dataclass(frozen=True)
+class Case:
+    """What one benchmark times: an op on its inputs, the truth it is checked against, and what runs beside it.
 
-    op             a name in the kernel registry ("rms_norm", "attention", ...); its
-                   "reference" kernel (the refimpl op) is the truth and the baseline.
-    make_inputs    make_inputs(device, seed) -> (args, kwargs), the op's arguments on `device`.
-                   Seed 0 is used for the gate and on the CPU; on CUDA the timing rotates
-                   among seeds 0 .. n_input_sets-1 (kwargs must not depend on the seed).
-    backends       kernel backends to time ("numba"; "numba_cuda", "cupy" on a GPU).
-    compile        also time torch.compile(reference op); compile time reported separately.
-                   False skips it (tests: compiling takes tens of seconds on a CPU).
-    eager_builtin  optional PyTorch built-in with the op's signature (an adapter around, say,
-                   F.scaled_dot_product_attention); named by `eager_builtin_name`.
-    kernel_overrides  {backend name: callable} used instead of the registry (for tests, or to time
-                   another form of the reference side by side).
-    reference      the truth and baseline, if not the registered reference op (e.g. a recurrence's
-                   step loop, when the registered op is its chunked form); torch.compile compiles it.
-    ceilings       from measure_ceilings(device): adds achieved bandwidth (bytes of inputs +
-                   outputs / median time) and, given `flops`, achieved FLOP/s, each as a
-                   fraction of the ceiling. On the CPU the inputs stay in cache between runs
-                   while the copy ceiling streams from DRAM, so small ops can pass 100% of it.
-    repeats, min_seconds, warmup  passed to the timer (repeats default: 20 CPU, 100 CUDA).
+    op             a name in the kernel registry; its kernels are the backends timed.
+    make_inputs    make_inputs(device, seed) -> (args, kwargs). Seed 0 is used for the gate and on the CPU;
+                   on CUDA the timing rotates among seeds 0 .. n_input_sets-1 (kwargs must not depend on it).
+    label          the case's name in tables and figures (default: op).
+    reference      the truth and the baseline (default: the registered reference op; a recurrence's step
+                   loop, say, when the registered op is its chunked form). torch.compile compiles it.
+    others         {name: callable}: other forms (another PyTorch form of the reference, a deliberately
+                   wrong kernel in a test) gated and timed beside the kernels.
+    eager_builtin  a PyTorch built-in with the op's signature (an adapter around, say,
+                   F.scaled_dot_product_attention), named eager_builtin_name.
+    flops          useful floating-point work of one call, for the fraction of the matmul ceiling.
+    """
+    op: str
+    make_inputs: Callable[[str, int], tuple[tuple, dict]]
+    label: str | None = None
+    reference: Callable | None = None
+    others: dict = field(default_factory=dict)
+    eager_builtin: Callable | None = None
+    eager_builtin_name: str | None = None
+    flops: float | None = None
 
-    The gate runs first for every variant (outputs poisoned with NaN / -1, compared
-    against the reference in float64, by kernels.check.check_case); a variant that fails it is recorded with the reason
-    and not timed. Everything runs under torch.no_grad(): kernels are forward-only.
-    Speed-ups are reference (or torch.compile) median / variant median: > 1 is faster.
+
+@dataclass(frozen=True)
+class TimerSettings:
+    """How each variant is timed (see time_cpu and time_cuda). repeats=None: 20 on the CPU, 100 on CUDA."""
+    warmup: int = 3
+    repeats: int | None = None
+    min_seconds: float = 0.5
+    n_input_sets: int = 4
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def benchmark_op(case: Case, backends: list[str] | tuple[str, ...] = (), *, device: str = "cpu",
+                 compile: bool = True, ceilings: dict | None = None,
+                 timer: TimerSettings = TimerSettings()) -> dict:
+    """Gate, then time, every variant of `case` on the same inputs; return plain data for JSON.
+
+    The variants: the reference, case.others, each kernel backend ("numba"; "numba_cuda", "cupy" on a
+    GPU), torch.compile of the reference unless compile=False (tests: compiling takes tens of seconds on a
+    CPU; its compile time is reported separately) and the eager built-in. The gate runs first for every
+    variant (`kernels.check.check_case`: outputs poisoned, compared with the reference computed in
+    float64); a variant that fails it is recorded with the reason and not timed. Everything runs under
+    torch.no_grad(): kernels are forward-only. Speed-ups are the reference's (or torch.compile's) median
+    over the variant's: > 1 is faster. `ceilings` (from measure_ceilings(device)) adds the achieved
+    bandwidth (bytes of inputs + outputs / median time) and, given case.flops, FLOP/s, each as a fraction
+    of the ceiling. On the CPU the inputs stay in cache between runs while the copy ceiling streams from
+    DRAM, so small ops can pass 100% of it.
     """
     device = torch.device(device).type
     if device not in ("cpu", "cuda"):
         raise ValueError(f"benchmark_op: device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("benchmark_op(device='cuda') needs a CUDA GPU; torch.cuda.is_available() is False")
-    overrides = dict(kernel_overrides or {})
-    if reference is None:
-        reference = get(op, "reference")  # KernelNotFound names what is registered
-
-    # Which callables to run, in report order. Refuse what cannot be timed here, up front.
-    variants: dict[str, dict] = {"reference": {"kind": "reference", "fn": reference,
-                                               "name": f"{reference.__module__}.{reference.__qualname__}"}}
-    for backend in backends:
-        if backend == "reference":
-            continue
-        if backend in overrides:
-            fn = overrides[backend]
-        else:
-            status = backend_status().get(backend, "")
-            if status.startswith("simulator"):
-                raise ValueError(f"benchmark_op: backend {backend!r} runs on numba's CUDA simulator here "
-                                 "(no GPU), which checks correctness but is not a timing target")
-            if status.startswith("unavailable"):
-                raise ValueError(f"benchmark_op: backend {backend!r} cannot run on this machine: {status}")
-            fn = get(op, backend)
-        variants[backend] = {"kind": "kernel", "fn": fn, "name": getattr(fn, "__qualname__", repr(fn))}
-    if eager_builtin is not None:
-        variants["eager builtin"] = {"kind": "eager builtin", "fn": eager_builtin,
-                                     "name": eager_builtin_name or getattr(eager_builtin, "__qualname__",
-                                                                           repr(eager_builtin))}
-
+    reference = case.reference or get(case.op, "reference")  # KernelNotFound names what is registered
+    variants = _variants(case, reference, backends)
     with torch.no_grad():
-        args, kwargs = make_inputs(device, 0)
+        args, kwargs = case.make_inputs(device, 0)
         expected = reference(*args, **kwargs)
         _synchronize(device)
         if compile:
-            compiled = torch.compile(reference)
-            entry = {"kind": "torch.compile", "fn": compiled, "name": "torch.compile(reference)"}
-            t0 = time.perf_counter()
-            try:
-                compiled(*args, **kwargs)  # the first call traces and compiles
-                _synchronize(device)
-                entry["compile_seconds"] = time.perf_counter() - t0
-            except Exception as err:  # recorded like a failed gate: the run goes on without it
-                entry["compile_seconds"] = None
-                entry["gate"] = {"passed": False, "comparisons": [],
-                                 "error": f"torch.compile failed: {type(err).__name__}: {err}"}
-            variants["torch.compile"] = entry
-
-        # 1. The correctness gate, for every variant before any timing.
-        for name, v in variants.items():
+            variants["torch.compile"] = _compiled(reference, args, kwargs, device)
+        for name, v in variants.items():                     # 1. the gate, for every variant before any timing
             if "gate" not in v:
-                v["gate"] = _gate(op, f"{op}:{name}", v["fn"], args, kwargs, reference)
+                v["gate"] = _gate(case.op, f"{case.op}:{name}", v["fn"], args, kwargs, reference)
             _synchronize(device)
+        _time_variants(variants, case, args, kwargs, device, timer)   # 2. the ones that passed, same inputs
+    return _report(case, variants, args, kwargs, expected, device, ceilings)   # 3. ratios and ceilings
 
-        # 2. Timing of the variants that passed, all on the same inputs.
-        cuda_sets = None
-        if device == "cuda":
-            cuda_sets = [tuple(args)] + [tuple(make_inputs(device, seed)[0]) for seed in range(1, n_input_sets)]
-        for name, v in variants.items():
-            if not v["gate"]["passed"]:
-                v["timing"] = None
-                continue
-            fn = v["fn"]
-            if device == "cpu":
-                v["timing"] = time_cpu(lambda: fn(*args, **kwargs), warmup=warmup,
-                                       repeats=20 if repeats is None else repeats, min_seconds=min_seconds).as_dict()
-            else:
-                def call(*a, fn=fn):
-                    return fn(*a, **kwargs)
-                v["timing"] = time_cuda(call, lambda i: cuda_sets[i], n_input_sets=n_input_sets, warmup=warmup,
-                                        repeats=100 if repeats is None else repeats).as_dict()
-                v["timing_with_launch_overhead"] = time_cuda(
-                    call, lambda i: cuda_sets[i], n_input_sets=n_input_sets, warmup=1,
-                    repeats=100 if repeats is None else repeats, include_launch_overhead=True).as_dict()
 
-    # 3. Ratios, and fractions of the machine's ceilings.
+def _variants(case: Case, reference: Callable, backends) -> dict[str, dict]:
+    """{name: {kind, fn, name}} in report order; a backend that cannot be timed here is refused up front."""
+    variants = {"reference": {"kind": "reference", "fn": reference,
+                              "name": f"{reference.__module__}.{reference.__qualname__}"}}
+    for name, fn in case.others.items():
+        variants[name] = {"kind": "kernel", "fn": fn, "name": getattr(fn, "__qualname__", repr(fn))}
+    for backend in backends:
+        status = backend_status().get(backend, "")
+        if status.startswith("simulator"):
+            raise ValueError(f"benchmark_op: backend {backend!r} runs on numba's CUDA simulator here "
+                             "(no GPU), which checks correctness but is not a timing target")
+        if status.startswith("unavailable"):
+            raise ValueError(f"benchmark_op: backend {backend!r} cannot run on this machine: {status}")
+        fn = get(case.op, backend)
+        variants[backend] = {"kind": "kernel", "fn": fn, "name": getattr(fn, "__qualname__", repr(fn))}
+    if case.eager_builtin is not None:
+        variants["eager builtin"] = {"kind": "eager builtin", "fn": case.eager_builtin,
+                                     "name": case.eager_builtin_name or getattr(case.eager_builtin, "__qualname__",
+                                                                                repr(case.eager_builtin))}
+    return variants
+
+
+def _compiled(reference: Callable, args: tuple, kwargs: dict, device: str) -> dict:
+    """torch.compile(reference), compiled by a first call whose time is recorded apart; a failure is a failed gate."""
+    compiled = torch.compile(reference)
+    entry = {"kind": "torch.compile", "fn": compiled, "name": "torch.compile(reference)"}
+    t0 = time.perf_counter()
+    try:
+        compiled(*args, **kwargs)
+        _synchronize(device)
+        entry["compile_seconds"] = time.perf_counter() - t0
+    except Exception as err:  # recorded like a failed gate: the run goes on without it
+        entry["compile_seconds"] = None
+        entry["gate"] = {"passed": False, "comparisons": [], "error": f"torch.compile failed: {type(err).__name__}: {err}"}
+    return entry
+
+
+def _time_variants(variants: dict, case: Case, args: tuple, kwargs: dict, device: str, timer: TimerSettings) -> None:
+    """Each variant that passed its gate gets "timing" (and on CUDA "timing_with_launch_overhead"); the rest None."""
+    cuda_sets = None
+    if device == "cuda":
+        cuda_sets = [tuple(args)] + [tuple(case.make_inputs(device, seed)[0]) for seed in range(1, timer.n_input_sets)]
+    for v in variants.values():
+        if not v["gate"]["passed"]:
+            v["timing"] = None
+            continue
+        fn = v["fn"]
+        if device == "cpu":
+            v["timing"] = time_cpu(lambda: fn(*args, **kwargs), warmup=timer.warmup,
+                                   repeats=20 if timer.repeats is None else timer.repeats,
+                                   min_seconds=timer.min_seconds).as_dict()
+            continue
+
+        def call(*a, fn=fn):
+            return fn(*a, **kwargs)
+        repeats = 100 if timer.repeats is None else timer.repeats
+        v["timing"] = time_cuda(call, lambda i: cuda_sets[i], n_input_sets=timer.n_input_sets, warmup=timer.warmup,
+                                repeats=repeats).as_dict()
+        v["timing_with_launch_overhead"] = time_cuda(call, lambda i: cuda_sets[i], n_input_sets=timer.n_input_sets,
+                                                     warmup=1, repeats=repeats, include_launch_overhead=True).as_dict()
+
+
+def _report(case: Case, variants: dict, args: tuple, kwargs: dict, expected, device: str, ceilings: dict | None) -> dict:
+    """The result as plain data: inputs, outputs, each variant's gate, timing, speed-ups and share of the ceilings."""
     bytes_moved = sum(t.numel() * t.element_size() for t in _tensors(args) + _tensors(expected))
 
     def median(name: str) -> float | None:
@@ -472,20 +501,19 @@ def benchmark_op(op: str, make_inputs: Callable[[str, int], tuple[tuple, dict]],
             entry["achieved_GBps"] = bytes_moved / m / 1e9
             entry["fraction_of_copy_bandwidth"] = bytes_moved / m / ceilings["copy"]["per_second"]
             matmul = ceilings.get(_MATMUL_CEILING.get(_output_dtype(expected), ""))
-            if flops is not None and matmul is not None:
-                entry["achieved_GFLOPs"] = flops / m / 1e9
-                entry["fraction_of_matmul"] = flops / m / matmul["per_second"]
+            if case.flops is not None and matmul is not None:
+                entry["achieved_GFLOPs"] = case.flops / m / 1e9
+                entry["fraction_of_matmul"] = case.flops / m / matmul["per_second"]
         report[name] = entry
-
     return json_safe({
-        "op": op,
-        "label": label or op,
+        "op": case.op,
+        "label": case.label or case.op,
         "device": device,
         "dtype": str(_output_dtype(expected)).replace("torch.", ""),
         "inputs": {"args": [_describe(a) for a in args], "kwargs": {k: _describe(v) for k, v in kwargs.items()}},
         "outputs": [_describe(t) for t in _tensors(expected)],
         "bytes_moved": bytes_moved,
-        "flops": flops,
+        "flops": case.flops,
         "timing_method": "perf_counter" if device == "cpu" else "cuda_events",
         "failed": [name for name, v in variants.items() if not v["gate"]["passed"]],
         "variants": report,
@@ -628,9 +656,9 @@ def save_and_report(record: dict, json_path: str | os.PathLike, figure_path: str
 
 
 def script_options(description: str, argv: list[str] | None = None):
-    """The command line a chapter's benchmark script takes (--device cpu|cuda, --quick) and the timer
-    settings that go with it. Returns (args, timing); exits with status 2 and a message when
-    --device cuda is asked for on a machine without a GPU."""
+    """The command line every benchmark script takes (--device cpu|cuda, --quick) and the timer settings
+    that go with it. Returns (args, TimerSettings); exits with status 2 and a message when --device cuda
+    is asked for on a machine without a GPU."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
@@ -640,37 +668,54 @@ def script_options(description: str, argv: list[str] | None = None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
     if args.device == "cuda":
-        timing = {"repeats": 20, "warmup": 1} if args.quick else {"repeats": 100, "warmup": 2}
+        timer = TimerSettings(repeats=20, warmup=1) if args.quick else TimerSettings(repeats=100, warmup=2)
     else:
-        timing = ({"repeats": 3, "min_seconds": 0.05, "warmup": 1} if args.quick
-                  else {"repeats": 10, "min_seconds": 1.0, "warmup": 2})
-    return args, timing
+        timer = (TimerSettings(repeats=3, min_seconds=0.05, warmup=1) if args.quick
+                 else TimerSettings(repeats=10, min_seconds=1.0, warmup=2))
+    return args, timer
 
 
-def run_chapter_benchmark(name: str, doc: str, cases: list[tuple], case_inputs: Callable[[str], Callable],
-                          argv: list[str] | None = None) -> int:
-    """The whole of a chapter's benchmark script: options, provenance, ceilings, every case, the report.
+BACKENDS = {"cpu": ["numba"], "cuda": ["numba_cuda", "cupy"]}  # what a benchmark times on each device
 
-    cases: (label, case name, the truth and baseline, {name: other PyTorch form timed beside it}); the op
-    is the case name's first word. case_inputs(case) -> make_inputs(device, seed) for `benchmark_op`.
-    Writes benchmarks/results/<name>_<device>.json and figures/benchmarks/<name>_<device>.png."""
+
+def run_benchmark(name: str, doc: str, cases: list[Case], argv: list[str] | None = None,
+                  settings: dict | None = None) -> int:
+    """The whole of a benchmark script: options, provenance, ceilings, every case, the record, the report.
+
+    Every script in benchmarks/ is its cases and one call of this. Writes benchmarks/results/<name>_<device>.json
+    and figures/benchmarks/<name>_<device>.png, prints the table; returns the exit code (1 if a variant
+    failed its correctness gate). `settings` adds script-specific entries to the record's settings."""
     from kernels.check import example_shapes
     from refimpl.book import ROOT
 
-    args, timing = script_options(doc.split("\n\n")[0], argv)
-    info = provenance()
+    args, timer = script_options(doc.split("\n\n")[0], argv)
+    info = provenance()  # before the run, so its load average says how busy the machine was beforehand
+    print(f"device {args.device}; backends {BACKENDS[args.device]}; measuring ceilings ...", flush=True)
     ceilings = measure_ceilings(args.device, quick=args.quick)
-    backends = {"cpu": ["numba"], "cuda": ["numba_cuda", "cupy"]}[args.device]
     results = []
-    for label, case, reference, others in cases:
-        print(f"{label} ...", flush=True)
-        results.append(benchmark_op(case.split(" ")[0], case_inputs(case), list(others) + backends,
-                                    compile=not args.quick, device=args.device, label=label,
-                                    reference=reference, kernel_overrides=others, ceilings=ceilings, **timing))
+    for case in cases:
+        print(f"{case.label or case.op} ...", flush=True)
+        results.append(benchmark_op(case, BACKENDS[args.device], device=args.device, compile=not args.quick,
+                                    ceilings=ceilings, timer=timer))
+    references = {case.label or case.op: _qualified(case.reference or get(case.op, "reference")) for case in cases}
     record = {"benchmark": name, "script": f"benchmarks/{name}.py",
-              "settings": {"device": args.device, "quick": args.quick, "compile": not args.quick, "timing": timing,
-                           "references": {case: f"{ref.__module__}.{ref.__qualname__}" for _, case, ref, _ in cases},
-                           "shapes": example_shapes("small")},
+              "settings": {"device": args.device, "quick": args.quick, "compile": not args.quick,
+                           "timing": timer.as_dict(), "references": references,
+                           "shapes": example_shapes("small"), **(settings or {})},
               "provenance": info, "ceilings": ceilings, "results": results}
     return save_and_report(record, ROOT / "benchmarks" / "results" / f"{name}_{args.device}.json",
                            ROOT / "figures" / "benchmarks" / f"{name}_{args.device}.png")
+
+
+def _qualified(fn: Callable) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+def example_case(case: str, seed: int = 0) -> Callable[[str, int], tuple[tuple, dict]]:
+    """make_inputs(device, s) for one of `kernels.check.example_inputs("small")`'s cases, drawn with seed + s."""
+    from kernels.check import example_inputs
+
+    def make(device: str, s: int):
+        _, args, kwargs = example_inputs("small", device, seed=seed + s)[case]
+        return args, kwargs
+    return make

@@ -20,7 +20,7 @@ from kernels.check import assert_close, random_tensor
 from refimpl import ops
 from refimpl.io import read_json, write_json
 
-FAST = {"warmup": 1, "repeats": 3, "min_seconds": 0.0}
+FAST = bench.TimerSettings(warmup=1, repeats=3, min_seconds=0.0)
 
 
 def rms_norm_inputs(device, seed):
@@ -92,8 +92,8 @@ def test_time_cuda_without_a_gpu_says_so():
 # ---------------------------------------------------------------- benchmark_op
 
 def test_benchmark_op_rms_norm_numba_passes_gate_and_has_ratios():
-    result = bench.benchmark_op("rms_norm", rms_norm_inputs, ["numba"], compile=False,
-                                eager_builtin=builtin_rms_norm, eager_builtin_name="F.rms_norm", **FAST)
+    case = bench.Case("rms_norm", rms_norm_inputs, eager_builtin=builtin_rms_norm, eager_builtin_name="F.rms_norm")
+    result = bench.benchmark_op(case, ["numba"], compile=False, timer=FAST)
     assert result["failed"] == []
     assert list(result["variants"]) == ["reference", "numba", "eager builtin"]
     assert result["dtype"] == "float32" and result["device"] == "cpu"
@@ -119,8 +119,8 @@ def test_wrong_kernel_fails_the_gate_and_is_not_timed():
         calls["broken"] += 1
         raise ValueError("this kernel refuses everything")
 
-    result = bench.benchmark_op("rms_norm", rms_norm_inputs, ["wrong", "broken"], compile=False,
-                                kernel_overrides={"wrong": wrong, "broken": broken}, **FAST)
+    case = bench.Case("rms_norm", rms_norm_inputs, others={"wrong": wrong, "broken": broken})
+    result = bench.benchmark_op(case, compile=False, timer=FAST)
     assert result["failed"] == ["wrong", "broken"]
     assert calls == {"wrong": 1, "broken": 1}                    # the gate's single call; no timing runs
     wrong_entry, broken_entry = result["variants"]["wrong"], result["variants"]["broken"]
@@ -136,8 +136,8 @@ def test_tuple_outputs_are_compared_element_by_element():
         x_sorted, offsets, slot = ops.moe_dispatch(x, expert_index, n_experts)
         return x_sorted, offsets, slot.flip(0)
 
-    result = bench.benchmark_op("moe_dispatch", moe_dispatch_inputs, ["numba", "bad_slot"], compile=False,
-                                kernel_overrides={"bad_slot": bad_slot}, **FAST)
+    case = bench.Case("moe_dispatch", moe_dispatch_inputs, others={"bad_slot": bad_slot})
+    result = bench.benchmark_op(case, ["numba"], compile=False, timer=FAST)
     good, bad = result["variants"]["numba"]["gate"], result["variants"]["bad_slot"]["gate"]
     assert good["passed"] and len(good["comparisons"]) == 3
     assert [c["passed"] for c in bad["comparisons"]] == [True, True, False]
@@ -149,12 +149,12 @@ def test_simulator_backend_is_refused_as_a_timing_target():
     if not kernels.cuda_simulator_enabled():
         pytest.skip("numba_cuda runs on a real GPU here")
     with pytest.raises(ValueError, match="simulator"):
-        bench.benchmark_op("rms_norm", rms_norm_inputs, ["numba_cuda"], compile=False, **FAST)
+        bench.benchmark_op(bench.Case("rms_norm", rms_norm_inputs), ["numba_cuda"], compile=False, timer=FAST)
 
 
 def test_unknown_op_names_what_is_registered():
     with pytest.raises(kernels.KernelNotFound, match="rms_norm"):
-        bench.benchmark_op("no_such_op", rms_norm_inputs, [], compile=False, **FAST)
+        bench.benchmark_op(bench.Case("no_such_op", rms_norm_inputs), compile=False, timer=FAST)
 
 
 # ---------------------------------------------------------------- provenance, ceilings, JSON, figure
@@ -179,8 +179,8 @@ def test_results_are_json_without_nan_and_the_figure_is_written(tmp_path):
     def nan_kernel(x, weight, eps=1e-6):
         return torch.full_like(x, float("nan"))                 # errors become inf: not JSON unless sanitised
 
-    results = [bench.benchmark_op("rms_norm", rms_norm_inputs, ["numba", "nan"], compile=False,
-                                  kernel_overrides={"nan": nan_kernel}, ceilings=ceilings, **FAST)]
+    results = [bench.benchmark_op(bench.Case("rms_norm", rms_norm_inputs, others={"nan": nan_kernel}), ["numba"],
+                                  compile=False, ceilings=ceilings, timer=FAST)]
     assert results[0]["failed"] == ["nan"]
     assert 0 < results[0]["variants"]["numba"]["fraction_of_copy_bandwidth"]
     record = {"provenance": bench.provenance(), "ceilings": ceilings, "results": results}
@@ -230,53 +230,30 @@ def test_nested_state_outputs_are_flattened_for_the_gate():
         h, (C, n, m) = kernels.get("mlstm", "numba")(*args, **kwargs)
         return h, (C, n, m + 1.0)
 
-    result = bench.benchmark_op("mlstm", make, ["numba", "wrong_m"], compile=False,
-                                kernel_overrides={"wrong_m": wrong_m}, **FAST)
+    result = bench.benchmark_op(bench.Case("mlstm", make, others={"wrong_m": wrong_m}), ["numba"], compile=False,
+                                timer=FAST)
     assert [c["passed"] for c in result["variants"]["numba"]["gate"]["comparisons"]] == [True] * 4
     assert [c["passed"] for c in result["variants"]["wrong_m"]["gate"]["comparisons"]] == [True, True, True, False]
 
 
-def test_synapse_script_finds_its_kernels_and_references():
+SCRIPTS = ["shared_blocks", "gated_delta_rule", "synapse", "henn", "geometric", "sintellix"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_benchmark_script_is_cases_on_the_one_driver(name):
+    """Each script's CASES are `bench.Case`s whose ops have numba kernels and whose inputs build; main is
+    `bench.run_benchmark` on them (checked by reading the source: running it takes minutes)."""
     import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "synapse.py"
-    spec = importlib.util.spec_from_file_location("synapse_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)                             # defines the cases; runs nothing
-    for _, op, reference, others in script.CASES:
-        assert "numba" in kernels.registered()[op]
-        args, kwargs = script.case_inputs(op)("cpu", 0)
-        assert args[0].shape[0] in (3, 16)                      # batch 16 (the small shapes); TIES: K = 3 task vectors
-
-
-def test_henn_script_finds_its_kernels_and_cases():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "henn.py"
-    spec = importlib.util.spec_from_file_location("henn_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)                             # defines the cases; runs nothing
-    for _, case, reference, others in script.CASES:
-        op = case.split(" ")[0]
-        assert "numba" in kernels.registered()[op]
-        args, kwargs = script.case_inputs(case)("cpu", 0)
-        assert args[0].shape[0] in (16, 64)                     # the small shapes: batch 16, or B H = 64 rows
-
-
-@pytest.mark.parametrize("name", ["geometric", "sintellix"])
-def test_chapter_scripts_find_their_kernels_and_cases(name):
-    import importlib.util
+    import inspect
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"{name}_script", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)                             # defines the cases; runs nothing
-    assert len(script.CASES) >= 2
-    for _, case, reference, others in script.CASES:
-        op = case.split(" ")[0]
-        assert "numba" in kernels.registered()[op]
-        args, kwargs = script.case_inputs(case)("cpu", 0)
-        assert all(isinstance(a, torch.Tensor) for a in args[:2])
+    assert script.CASES and all(isinstance(case, bench.Case) for case in script.CASES)
+    for case in script.CASES:
+        assert "numba" in kernels.registered()[case.op], case.op
+        args, kwargs = case.make_inputs("cpu", 0)
+        assert all(isinstance(a, torch.Tensor) for a in args[:1]), case.label
+    assert f'run_benchmark("{name}", __doc__, CASES, argv' in inspect.getsource(script.main)
