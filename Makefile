@@ -27,7 +27,7 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $@
 
 book: $(STAMP)
-	$(BIN)/python -m refimpl.book --profile $(PROFILE)
+	$(BIN)/python -m book --profile $(PROFILE)
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest
@@ -69,7 +69,7 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/sintellix.py
 
 doctor: $(STAMP)
-	$(BIN)/python -m refimpl.doctor
+	$(BIN)/python -m book.doctor
 
 clean:
 	rm -rf build .pytest_cache

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -686,8 +687,8 @@ def run_benchmark(name: str, doc: str, cases: list[Case], argv: list[str] | None
     and figures/benchmarks/<name>_<device>.png, prints the table; returns the exit code (1 if a variant
     failed its correctness gate). `settings` adds script-specific entries to the record's settings."""
     from kernels.check import example_shapes
-    from refimpl.book import ROOT
 
+    root = Path(__file__).resolve().parents[1]
     args, timer = script_options(doc.split("\n\n")[0], argv)
     info = provenance()  # before the run, so its load average says how busy the machine was beforehand
     print(f"device {args.device}; backends {BACKENDS[args.device]}; measuring ceilings ...", flush=True)
@@ -703,8 +704,8 @@ def run_benchmark(name: str, doc: str, cases: list[Case], argv: list[str] | None
                            "timing": timer.as_dict(), "references": references,
                            "shapes": example_shapes("small"), **(settings or {})},
               "provenance": info, "ceilings": ceilings, "results": results}
-    return save_and_report(record, ROOT / "benchmarks" / "results" / f"{name}_{args.device}.json",
-                           ROOT / "figures" / "benchmarks" / f"{name}_{args.device}.png")
+    return save_and_report(record, root / "benchmarks" / "results" / f"{name}_{args.device}.json",
+                           root / "figures" / "benchmarks" / f"{name}_{args.device}.png")
 
 
 def _qualified(fn: Callable) -> str:

@@ -25,7 +25,7 @@ def test_every_public_function_and_class_has_a_docstring():
 
 
 def test_the_readme_layout_names_every_module_and_benchmark():
-    from refimpl.book import ROOT
+    from book import ROOT
     readme = (ROOT / "README.md").read_text()
     layout = readme[readme.index("## Layout"):]
     files = [p for folder in ("refimpl", "kernels", "book", "benchmarks") for p in sorted((ROOT / folder).glob("*.py"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from refimpl import doctor
+from book import doctor
 
 
 def test_report_lists_every_requirement_and_backend():

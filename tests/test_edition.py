@@ -7,7 +7,8 @@ import json
 import nbformat
 import pytest
 
-from refimpl import book, edition
+import book
+from book import edition
 
 PNG = base64.b64decode(  # a 1×1 PNG: a stand-in figure
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==")
@@ -21,7 +22,7 @@ def test_readme_front_page_matches_the_committed_metrics():
     readme = (edition.ROOT / "README.md").read_text()
     start, end = readme.index(edition.START), readme.index(edition.END) + len(edition.END)
     assert readme[start:end] == edition.front_page(edition.ROOT / "figures"), \
-        "README's front page is stale: run `make book` (or `python -m refimpl.book --publish-only`)"
+        "README's front page is stale: run `make book` (or `python -m book --publish-only`)"
 
 
 def test_every_claim_of_every_chapter_is_on_the_front_page():

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from refimpl import book
+import book
+
 from refimpl.io import read_json
 
 CHAPTERS = [p.stem for p in book.chapters()]

@@ -10,10 +10,10 @@ Figures and metrics land under the repository's `figures/` unless
 BOOK_OUTPUT_DIR points elsewhere (the test suite points it into build/, so
 running the tests never rewrites the committed figures).
 
-`python -m refimpl.book [--profile small]` executes every chapter notebook
+`python -m book [--profile small]` executes every chapter notebook
 with papermill into build/book/notebooks/, then publishes: build/book/summary.md
 (every chapter's metrics.json on one page), the static HTML edition
-build/book/html/ (refimpl/edition.py), and the README's generated front page.
+build/book/html/ (book/edition.py), and the README's generated front page.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def run_book(run_profile: str, build_dir: Path) -> int:
 def publish(build_dir: Path) -> None:
     """After the chapters ran: the metrics summary, the HTML edition (build_dir/html/index.html) and, when the
     figures went to the repository's figures/, the README's generated front page."""
-    from refimpl import edition
+    from book import edition
 
     figures_root = output_root() / "figures"
     summary = summarise(build_dir)
@@ -200,8 +200,8 @@ def publish(build_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m refimpl.book [--profile small]`: run every chapter (see run_book); the exit status."""
-    parser = argparse.ArgumentParser(description="Execute every chapter notebook and summarise their metrics.")
+    """`python -m book [--profile small]`: run every chapter (see run_book); the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m book", description="Execute every chapter notebook and summarise their metrics.")
     parser.add_argument("--profile", default=os.environ.get("BOOK_PROFILE", "small"), choices=PROFILES)
     parser.add_argument("--build-dir", default=str(ROOT / "build" / "book"))
     parser.add_argument("--publish-only", action="store_true",

@@ -1,6 +1,6 @@
 """`make doctor`: what this machine can run of the book, in plain words.
 
-    python -m refimpl.doctor          # prints the report; exit status 1 if something the book needs is missing
+    python -m book.doctor          # prints the report; exit status 1 if something the book needs is missing
 
 It reports the Python and package versions against requirements.txt, which kernel backends this machine
 can run (numba on the CPU, numba's CUDA simulator, a real GPU for numba-cuda and CuPy) and whether nvcc
