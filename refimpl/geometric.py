@@ -37,7 +37,7 @@ The rest of the file builds the model around it:
     generate, coordinate_statistics, interpolate, layer_energies      the generator API
 
 The curriculum, its data and the forgetting experiment are in `refimpl.geometric_training`; the
-interactive explorer is `refimpl.views.CoordinateExplorer`.
+interactive explorer is `book.views.CoordinateExplorer`.
 """
 
 from __future__ import annotations

@@ -181,7 +181,7 @@ class FlatAdam(torch.optim.Optimizer):
         unused in a step is still moved by its momentum and weight decay: torch's Adam does the
         same with `zero_grad(set_to_none=False)`, but skips it under the default set_to_none=True;
       * one parameter group (one lr, betas, ...); the LR can be changed through
-        `param_groups[0]["lr"]`, as schedulers and refimpl.train do.
+        `param_groups[0]["lr"]`, as schedulers and book.train do.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,

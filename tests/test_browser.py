@@ -94,7 +94,7 @@ def _wait_until_serving(url: str, server: subprocess.Popen) -> None:
 
 
 def _interactive_chapters() -> list[str]:
-    """Chapters whose notebook shows an ipywidgets view (a `.widget()` of refimpl.views, or ipywidgets itself)."""
+    """Chapters whose notebook shows an ipywidgets view (a `.widget()` of book.views, or ipywidgets itself)."""
     found = []
     for notebook in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         cells = json.loads(notebook.read_text())["cells"]

@@ -10,8 +10,8 @@ import torch
 
 from refimpl import data
 from refimpl.baseline import BaselineConfig, BaselineLM
-from refimpl.tokenizer import ByteTokenizer
-from refimpl.train import TrainConfig, bits_per_byte, learning_rate, train
+from book.tokenizer import ByteTokenizer
+from book.train import TrainConfig, bits_per_byte, learning_rate, train
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,7 @@ def test_flat_adam_trains_exactly_like_clip_grad_norm_and_torch_adam(weight_deca
                           max_norm=max_norm)
     reference = torch.optim.Adam(twin.parameters(), lr=3e-3, betas=(0.9, 0.99), weight_decay=weight_decay)
     assert isinstance(flat, torch.optim.Optimizer)
-    # an LR schedule, through param_groups as torch's schedulers (and refimpl.train) set it
+    # an LR schedule, through param_groups as torch's schedulers (and book.train) set it
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 if s < 50 else 0.3) for o in (flat, reference)]
     clipped = 0
     for step in range(100):

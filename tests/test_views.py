@@ -7,7 +7,7 @@ import torch
 
 from refimpl.geometric import GeometricConfig, GeometricLM
 from refimpl.synapse import SynapseConfig, SynapseLM
-from refimpl.views import CoordinateExplorer, RoutingExplorer, routing_figure, routing_trace
+from book.views import CoordinateExplorer, RoutingExplorer, routing_figure, routing_trace
 
 pytest.importorskip("ipywidgets", reason="the views need ipywidgets (in requirements.txt)")
 
