@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -58,10 +59,12 @@ def save_figure_atomically(fig, path: str | os.PathLike, **savefig_kwargs) -> Pa
 
 
 # ----------------------------------------------------------------------------
-# Tensor files: a JSON header, then the raw bytes, checked by SHA-256 (no pickle)
+# Tensor files: a JSON header, the raw bytes, and a SHA-256 over both (no pickle)
 # ----------------------------------------------------------------------------
 
-TENSOR_FILE_MAGIC = b"BOOKTENSORS\x00"
+TENSOR_FILE_MAGIC = b"BOOKTENSORS\x02"     # version 2: the checksum covers the header too
+OLD_TENSOR_FILE_MAGIC = b"BOOKTENSORS\x00"  # version 1 (checksum over the payload only): refused, with why
+DIGEST_BYTES = 32                          # the SHA-256 at the end of the file
 _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
                                                       torch.int64, torch.int32, torch.int16, torch.int8,
                                                       torch.uint8, torch.bool)}
@@ -107,16 +110,19 @@ def tensor_file_bytes(tensors: dict[str, torch.Tensor], meta: dict | None = None
                       compress: bool | str = False, level: int | None = None) -> bytes:
     """What `write_tensors` writes, as bytes:
 
-        magic (12 bytes) | header length (8 bytes, little-endian) | header (UTF-8 JSON) | payload
+        magic (12 bytes) | header length (8 bytes, little-endian) | header (UTF-8 JSON) | payload | SHA-256 (32 bytes)
 
-    The header lists each tensor's name, dtype, shape and byte range in the (uncompressed) payload, the
-    caller's `meta` (any JSON), the SHA-256 of the payload as stored, and in "compressed" how it is
-    compressed: null, "lzma" or "zstd". `compress`: False (raw), True or "lzma", or "zstd"; `level` is
-    the codec's level (see `_compress`; ignored when nothing is compressed).
+    The header lists each tensor's name, dtype, shape and byte range in the (uncompressed) payload, in
+    order, the caller's `meta` (any JSON), and in "compressed" how the payload is compressed: null, "lzma"
+    or "zstd". The SHA-256 covers everything before it, header included, so no byte can change unseen.
+    `compress`: False (raw), True or "lzma", or "zstd"; `level` is the codec's level (see `_compress`;
+    ignored when nothing is compressed).
     """
     codec = compression_name(compress)
     entries, chunks, offset = [], [], 0
     for name, t in tensors.items():
+        if not isinstance(name, str):
+            raise ValueError(f"write_tensors: tensor names must be strings, got {name!r}")
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"write_tensors: {name!r} is a {type(t).__name__}, not a tensor")
         dtype = str(t.dtype).replace("torch.", "")
@@ -129,9 +135,9 @@ def tensor_file_bytes(tensors: dict[str, torch.Tensor], meta: dict | None = None
     payload = b"".join(chunks)
     if codec is not None:
         payload = _compress(payload, codec, level)
-    header = json.dumps({"tensors": entries, "meta": meta or {}, "compressed": codec,
-                         "sha256": hashlib.sha256(payload).hexdigest()}, sort_keys=True).encode("utf-8")
-    return TENSOR_FILE_MAGIC + len(header).to_bytes(8, "little") + header + payload
+    header = json.dumps({"tensors": entries, "meta": meta or {}, "compressed": codec}, sort_keys=True).encode("utf-8")
+    body = TENSOR_FILE_MAGIC + len(header).to_bytes(8, "little") + header + payload
+    return body + hashlib.sha256(body).digest()
 
 
 def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict | None = None,
@@ -141,27 +147,80 @@ def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     return atomic_write_bytes(path, tensor_file_bytes(tensors, meta, compress, level))
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_header(path: Path, header, payload_bytes: int | None) -> None:
+    """Refuse a header whose fields are not what `tensor_file_bytes` writes, naming the file and the field.
+    With `payload_bytes` (the payload's length once decompressed) the byte ranges are checked against it:
+    the entries must tile the payload, in order, each of exactly the bytes its dtype and shape need."""
+    def bad(field: str, why: str):
+        return ValueError(f"{path}: header field {field} {why}")
+    if not isinstance(header, dict):
+        raise bad("(the header itself)", f"must be a JSON object, got {type(header).__name__}")
+    for key, kind in (("tensors", list), ("meta", dict)):
+        if not isinstance(header.get(key), kind):
+            raise bad(key, f"must be a JSON {'array' if kind is list else 'object'}, got {header.get(key, 'nothing')!r:.60}")
+    if "compressed" not in header:
+        raise bad("compressed", "is missing (null, or the codec's name)")
+    codec = header["compressed"]
+    if codec is not None and codec not in COMPRESSIONS:
+        raise ValueError(f"{path}: compressed with {codec!r}, which this reader does not know "
+                         f"(it reads {', '.join(COMPRESSIONS)} or uncompressed files)")
+    names, end = set(), 0
+    for i, e in enumerate(header["tensors"]):
+        where = f"tensors[{i}]"
+        if not isinstance(e, dict):
+            raise bad(where, f"must be a JSON object, got {e!r:.60}")
+        if not isinstance(e.get("name"), str) or e["name"] in names:
+            raise bad(f"{where}.name", f"must be a string no other tensor has, got {e.get('name')!r:.60}")
+        names.add(e["name"])
+        if e.get("dtype") not in _DTYPES:
+            raise bad(f"{where}.dtype", f"must be one of {sorted(_DTYPES)}, got {e.get('dtype')!r:.60}")
+        shape = e.get("shape")
+        if not isinstance(shape, list) or not all(_whole(d) for d in shape):
+            raise bad(f"{where}.shape", f"must be a list of whole numbers, got {shape!r:.60}")
+        for key in ("offset", "nbytes"):
+            if not _whole(e.get(key)):
+                raise bad(f"{where}.{key}", f"must be a whole number, got {e.get(key)!r:.60}")
+        need = math.prod(shape) * _DTYPES[e["dtype"]].itemsize
+        if e["nbytes"] != need:
+            raise bad(f"{where}.nbytes", f"is {e['nbytes']}, but {e['dtype']} {shape} takes {need} bytes")
+        if e["offset"] != end:
+            raise bad(f"{where}.offset", f"is {e['offset']}, but the tensors before it end at byte {end}")
+        end += e["nbytes"]
+    if payload_bytes is not None and end != payload_bytes:
+        raise bad("tensors", f"cover {end} bytes, but the payload holds {payload_bytes}")
+
+
 def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) from a file `write_tensors` wrote, decompressed as its header's "compressed" field says.
-    Refuses, with the reason, a file that is not one, is cut short, whose payload does not match its
-    checksum, or that names a compression this reader does not know; nothing in it is executed."""
+
+    Refuses, with the file and the reason: a file that is not one, or in the old format; one cut short or
+    whose bytes do not match its SHA-256 (header included); a header field that is not what the writer
+    writes (see `_check_header`); a compression this reader does not know. Nothing in it is executed.
+    """
     path = Path(path)
     data = path.read_bytes()
     n = len(TENSOR_FILE_MAGIC)
+    if data[:n] == OLD_TENSOR_FILE_MAGIC:
+        raise ValueError(f"{path} is a tensor file of the old format, whose checksum left the header unchecked; "
+                         "write it again with this version (re-run what made it)")
     if data[:n] != TENSOR_FILE_MAGIC:
         raise ValueError(f"{path} is not a tensor file (it does not start with {TENSOR_FILE_MAGIC!r})")
+    if len(data) < n + 8 + DIGEST_BYTES or hashlib.sha256(data[:-DIGEST_BYTES]).digest() != data[-DIGEST_BYTES:]:
+        raise ValueError(f"{path}: checksum mismatch; the file is damaged or was cut short")
     length = int.from_bytes(data[n:n + 8], "little")
+    if length > len(data) - n - 8 - DIGEST_BYTES:
+        raise ValueError(f"{path}: the header length {length} runs past the end of the file")
     try:
         header = json.loads(data[n + 8:n + 8 + length].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: the header is damaged ({err})") from None
-    payload = data[n + 8 + length:]
-    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
-        raise ValueError(f"{path}: checksum mismatch; the file is damaged or was cut short")
-    codec = header.get("compressed")
-    if codec is not None and codec not in COMPRESSIONS:
-        raise ValueError(f"{path}: compressed with {codec!r}, which this reader does not know "
-                         f"(it reads {', '.join(COMPRESSIONS)} or uncompressed files)")
+    _check_header(path, header, None)
+    payload = data[n + 8 + length:-DIGEST_BYTES]
+    codec = header["compressed"]
     if codec == "lzma":
         try:
             payload = lzma.decompress(payload)
@@ -173,10 +232,9 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             payload = zstandard.ZstdDecompressor().decompress(payload)
         except zstandard.ZstdError as err:
             raise ValueError(f"{path}: the zstd payload does not decompress ({err})") from None
+    _check_header(path, header, len(payload))
     tensors = {}
     for e in header["tensors"]:
-        if e["dtype"] not in _DTYPES or e["offset"] + e["nbytes"] > len(payload):
-            raise ValueError(f"{path}: bad entry for tensor {e.get('name')!r}")
         raw = bytearray(payload[e["offset"]:e["offset"] + e["nbytes"]])
         flat = torch.frombuffer(raw, dtype=_DTYPES[e["dtype"]]) if raw else torch.empty(0, dtype=_DTYPES[e["dtype"]])
         tensors[e["name"]] = flat.reshape(e["shape"])

@@ -113,7 +113,7 @@ def test_swap_and_resume_is_bit_identical(backbone, tmp_path):
         for lo in (0, 16):
             model(x[:, lo:lo + 16], states=states)
         path = save_states(tmp_path / "sleep.states", states)
-        assert path.read_bytes()[:12] == b"BOOKTENSORS\x00"                          # a tensor file, not a pickle
+        assert path.read_bytes()[:12] == b"BOOKTENSORS\x02"                          # a tensor file, not a pickle
         twin = HENNLM(model.cfg).eval()
         twin.load_state_dict(model.state_dict())
         woken = load_states(path, twin)
