@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from refimpl.data import TextCorpus, random_batch, sequential_batches
+from refimpl.config import check_fields, number, whole
 
 
 @dataclass
@@ -35,12 +36,13 @@ class TrainConfig:
     eval_batches: int = 8          # validation batches per evaluation
     seed: int = 0                  # batch order
 
+    RULES = {"steps": whole(1), "batch_size": whole(1), "seq_len": whole(1), "lr": number(0, low_open=True),
+             "min_lr_ratio": number(0, 1), "warmup": whole(0), "weight_decay": number(0),
+             "grad_clip": number(0, low_open=True), "eval_every": whole(1), "eval_batches": whole(1),
+             "seed": whole(0)}
+
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        check_fields(self, self.RULES)
 
 
 @dataclass

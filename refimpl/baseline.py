@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from refimpl.blocks import (GroupedQueryAttention, KVCache, RMSNorm, SwiGLU, TopKMoE, check_token_ids,
                             config_from_preset, count_parameters, init_lm_weights)
+from refimpl.config import check_fields, flag, number, whole
 
 
 @dataclass
@@ -42,10 +43,13 @@ class BaselineConfig:
     aux_loss_weight: float = 0.01    # weight of the MoE load-balancing loss in the training loss
     tie_embeddings: bool = True      # share the embedding and unembedding matrices
 
+    RULES = {"vocab_size": whole(1), "d_model": whole(1), "n_layers": whole(1), "n_heads": whole(1),
+             "n_kv_heads": whole(1), "ffn_hidden": whole(1, optional=True), "n_experts": whole(0), "top_k": whole(1),
+             "window": whole(1, optional=True), "max_seq_len": whole(1), "norm_eps": number(0, low_open=True),
+             "aux_loss_weight": number(0), "tie_embeddings": flag()}
+
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"BaselineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self, self.RULES)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -54,8 +58,6 @@ class BaselineConfig:
             raise ValueError(f"head dimension d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
         if self.n_experts and not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k={self.top_k} must be in [1, n_experts={self.n_experts}]")
-        if self.window is not None and self.window < 1:
-            raise ValueError(f"window must be >= 1 or None, got {self.window}")
         if self.ffn_hidden is None:
             self.ffn_hidden = 32 * math.ceil(8 * self.d_model / 3 / 32)
 

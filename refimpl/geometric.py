@@ -102,6 +102,7 @@ import torch.nn.functional as F  # noqa: E402
 from refimpl import ops  # noqa: E402
 from refimpl.blocks import (RMSNorm, apply_rope, check_token_ids, config_from_preset, count_parameters,  # noqa: E402
                             init_lm_weights, rope_tables)
+from refimpl.config import check_fields, flag, instance, number, whole  # noqa: E402
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -124,11 +125,14 @@ class GeometricConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = False     # the write-up counts a separate output layer
 
+    RULES = {"vocab_size": whole(1), "d_model": whole(1), "n_layers": whole(1), "n_heads": whole(1),
+             "n_kv_heads": whole(1), "ffn_hidden": whole(1, optional=True), "coord_dim": whole(1),
+             "n_wavelets": whole(1), "rank": whole(1), "modulate": instance(tuple, list), "predictor_hidden": whole(1),
+             "causal_predictor": flag(), "max_seq_len": whole(1), "norm_eps": number(0, low_open=True),
+             "tie_embeddings": flag()}
+
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "coord_dim", "n_wavelets", "rank",
-                     "predictor_hidden", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GeometricConfig.{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self, self.RULES)
         if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"need d_model={self.d_model} divisible by n_heads={self.n_heads}, n_heads a multiple of "
                              f"n_kv_heads={self.n_kv_heads}, and an even head size for RoPE")

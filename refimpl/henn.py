@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from refimpl import quant
 from refimpl.blocks import (GroupedQueryAttention, KVCache, RMSNorm, SwiGLU, check_token_ids, config_from_preset,
                             count_parameters, init_lm_weights)
+from refimpl.config import check_fields, choice, flag, number, whole
 from refimpl.gated_deltanet import GatedDeltaNet, GatedDeltaNetState
 from refimpl.io import read_tensors, write_tensors
 from refimpl.mamba3 import Mamba3Layer, Mamba3ScanState, Mamba3State
@@ -70,15 +71,14 @@ class HENNConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
 
+    RULES = {"vocab_size": whole(1), "d_model": whole(1), "n_layers": whole(1), "backbone": choice(*BACKBONES),
+             "attention_every": whole(0), "window": whole(1), "n_heads": whole(1), "n_kv_heads": whole(1),
+             "ssm_head_dim": whole(1), "d_state": whole(1), "expand": whole(1), "mimo_rank": whole(1),
+             "rope_fraction": number(0, 1), "ffn_hidden": whole(0, optional=True), "max_seq_len": whole(1),
+             "norm_eps": number(0, low_open=True), "tie_embeddings": flag()}
+
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "window", "n_heads", "n_kv_heads", "ssm_head_dim",
-                     "d_state", "expand", "mimo_rank", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"HENNConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"HENNConfig.backbone must be one of {BACKBONES}, got {self.backbone!r}")
-        if self.attention_every < 0:
-            raise ValueError(f"HENNConfig.attention_every must be >= 0 (0: no attention), got {self.attention_every}")
+        check_fields(self, self.RULES)
         if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"attention needs d_model={self.d_model} divisible by n_heads={self.n_heads}, n_heads a "
                              f"multiple of n_kv_heads={self.n_kv_heads}, and an even head size for RoPE")

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from refimpl.blocks import (GroupedQueryAttention, KVCache, RMSNorm, TopKMoE, check_token_ids, config_from_preset,
                             count_parameters, init_lm_weights)
+from refimpl.config import check_fields, choice, flag, number, whole
 from refimpl.gated_deltanet import GatedDeltaNet, GatedDeltaNetState
 
 LAYOUTS = ("prenorm", "as_written")
@@ -76,20 +77,20 @@ class SuperblockConfig:
     mtp_loss_weight: float = 1.0     # weight of the extra horizons' losses (averaged over horizons 2..J)
     tie_embeddings: bool = True      # unembedding shares the embedding matrix
 
+    RULES = {"vocab_size": whole(1), "d_model": whole(1), "n_superblocks": whole(1), "n_heads": whole(1),
+             "n_kv_heads": whole(1), "head_dim": whole(1, optional=True), "n_experts": whole(1), "top_k": whole(1),
+             "expert_hidden": whole(1, optional=True), "window": whole(1, optional=True), "mtp_horizons": whole(1),
+             "mtp_in_every_block": flag(), "layout": choice(*LAYOUTS), "absolute_positions": flag(),
+             "position_scale": number(0), "dropout": number(0, 1, high_open=True), "conv_size": whole(1),
+             "norm_eps": number(0, low_open=True), "max_seq_len": whole(1), "aux_loss_weight": number(0),
+             "mtp_loss_weight": number(0), "tie_embeddings": flag()}
+
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_superblocks", "n_heads", "n_kv_heads", "n_experts", "top_k",
-                     "mtp_horizons", "conv_size", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SuperblockConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"SuperblockConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        check_fields(self, self.RULES)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k={self.top_k} must be <= n_experts={self.n_experts}")
-        for name in ("head_dim", "expert_hidden"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"SuperblockConfig.{name} must be >= 1 (or None to derive it), got {getattr(self, name)}")
         if self.head_dim is None:
             if self.d_model % self.n_heads:
                 raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} (or set head_dim)")
@@ -98,8 +99,6 @@ class SuperblockConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.expert_hidden is None:
             self.expert_hidden = 2 * self.d_model
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "SuperblockConfig":

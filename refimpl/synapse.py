@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from refimpl.blocks import (ExpertPool, RMSNorm, check_token_ids, config_from_preset, count_parameters,
                             init_lm_weights, load_balancing_loss)
+from refimpl.config import check_fields, choice, flag, number, whole
 from refimpl.ssm import MambaLayer, MambaState
 
 
@@ -463,11 +464,15 @@ class SynapseConfig:
     max_seq_len: int = 256
     tie_embeddings: bool = True
 
+    RULES = {"vocab_size": whole(1), "d_model": whole(1), "n_layers": whole(1), "n_experts": whole(1),
+             "top_k": whole(1), "d_expert": whole(1, optional=True), "xlstm_hidden": whole(1, optional=True),
+             "xlstm_heads": whole(1), "xlstm_forget_gate": choice("exp", "sigmoid"), "memory_heads": whole(1),
+             "memory_head_dim": whole(1), "memory_decay": number(0, 1), "memory_strength": number(0),
+             "d_state": whole(1), "router_noise": number(0), "aux_loss_weight": number(0),
+             "norm_eps": number(0, low_open=True), "max_seq_len": whole(1), "tie_embeddings": flag()}
+
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_experts", "top_k", "xlstm_heads", "memory_heads",
-                     "memory_head_dim", "d_state", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SynapseConfig.{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self, self.RULES)
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k={self.top_k} must be <= n_experts={self.n_experts}")
         self.d_expert = self.d_expert or 4 * self.d_model

@@ -169,5 +169,5 @@ def test_decoding_refuses_training_mode_and_bad_lengths():
 def test_derived_sizes_follow_the_overrides():
     cfg = SuperblockConfig.preset("small", d_model=128)
     assert cfg.head_dim == 32 and cfg.expert_hidden == 256
-    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+    with pytest.raises(ValueError, match="head_dim must be an integer >= 1, or None"):
         SuperblockConfig(head_dim=0)
