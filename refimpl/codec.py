@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from refimpl.blocks import config_from_preset, count_parameters
+from refimpl.config import check_fields, flag, number, whole
 from refimpl.vq import VectorQuantizer
 
 MODALITIES = ("image", "signal", "text")
@@ -45,10 +46,11 @@ class CodecConfig:
     beta: float = 0.25            # commitment weight
     ema: bool = False             # EMA codebook updates instead of the codebook loss
 
+    RULES = {"dim": whole(1), "num_codes": whole(1), "hidden": whole(1), "patch": whole(1), "signal_window": whole(1),
+             "text_window": whole(1), "byte_embedding": whole(1), "beta": number(0), "ema": flag()}
+
     def __post_init__(self):
-        for name in ("dim", "num_codes", "hidden", "patch", "signal_window", "text_window", "byte_embedding"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"CodecConfig.{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self, self.RULES)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "CodecConfig":

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from refimpl.config import check_fields, flag, instance, number, whole
 from refimpl.data import stdlib_source_files
 from refimpl.geometric import GeometricLM, ModulatedLinear
 
@@ -255,6 +256,9 @@ def make_two_rate_optimizer(model: torch.nn.Module, lr_base: float, lr_coord: fl
     return torch.optim.AdamW(groups, betas=(0.9, 0.95))
 
 
+LOSS_NAMES = ("contrastive", "interference", "temporal")   # the curriculum's auxiliary losses, weighted by name
+
+
 @dataclass
 class CurriculumConfig:
     steps: int = 300                         # optimiser steps over all three phases
@@ -273,10 +277,19 @@ class CurriculumConfig:
     eval_every: int = 50
     seed: int = 0
 
+    RULES = {"steps": whole(1), "phase_ends": instance(tuple, list), "batch_size": whole(1), "seq_len": whole(1),
+             "lr_base": number(0, low_open=True), "lr_coord": number(0, low_open=True), "warmup": whole(0),
+             "grad_clip": number(0, low_open=True), "operations": instance(tuple, list),
+             "compositions": instance(tuple, list), "margin": number(0), "weights": instance(dict),
+             "auxiliary": flag(), "eval_every": whole(1), "seed": whole(0)}
+
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"CurriculumConfig.{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self, self.RULES)
+        if len(self.phase_ends) != 2 or not all(number().allows(x) for x in self.phase_ends):
+            raise ValueError(f"CurriculumConfig.phase_ends must be two numbers a <= b in [0, 1], got {self.phase_ends}")
+        if set(self.weights) != set(LOSS_NAMES) or not all(number(0).allows(v) for v in self.weights.values()):
+            raise ValueError(f"CurriculumConfig.weights must map each of {', '.join(LOSS_NAMES)} to a number >= 0, "
+                             f"got {self.weights}")
         a, b = self.phase_ends
         if not 0 <= a <= b <= 1:
             raise ValueError(f"CurriculumConfig.phase_ends must satisfy 0 <= a <= b <= 1, got {self.phase_ends}")

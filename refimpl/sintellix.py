@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from refimpl import grid_attention
 from refimpl.blocks import RMSNorm, config_from_preset, count_parameters
+from refimpl.config import check_fields, flag, instance, whole
 
 
 @dataclass
@@ -75,19 +76,21 @@ class SintellixConfig:
     fxaa: bool = True
     seed: int = 0                    # the global samples' seed
 
+    RULES = {"grid": instance(tuple, list), "dim": whole(1), "n_heads": whole(1), "radius": whole(0),
+             "n_global": whole(1), "history": whole(1), "steps": whole(1), "ffn_mult": whole(1),
+             "weight_sharing": flag(), "in_channels": whole(1), "out_channels": whole(1),
+             "neighbour_attention": flag(), "global_aggregation": flag(), "temporal": flag(), "noise_filter": flag(),
+             "fxaa": flag(), "seed": whole(0)}
+
     def __post_init__(self):
+        check_fields(self, self.RULES)
         self.grid = tuple(self.grid)
-        if len(self.grid) != 3 or any(not isinstance(s, int) or s < 1 for s in self.grid):
+        if len(self.grid) != 3 or not all(whole(1).allows(s) for s in self.grid):
             raise ValueError(f"SintellixConfig.grid must be three sides >= 1, got {self.grid}")
-        for name in ("dim", "n_heads", "n_global", "steps", "ffn_mult", "in_channels", "out_channels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SintellixConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.dim % self.n_heads:
             raise ValueError(f"SintellixConfig: dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.history < 1 or self.history & (self.history - 1):
             raise ValueError(f"SintellixConfig.history must be a power of two >= 1, got {self.history}")
-        if self.radius < 0:
-            raise ValueError(f"SintellixConfig.radius must be >= 0, got {self.radius}")
 
     @property
     def n_neurons(self) -> int:

@@ -60,5 +60,5 @@ def test_bad_input_is_refused(codec):
         codec("audio", torch.rand(3, 16))
     with pytest.raises(ValueError, match="must be \\[H, W\\]"):
         image_pieces(torch.rand(2, 3, 4), 2)
-    with pytest.raises(ValueError, match="CodecConfig.dim must be >= 1"):
+    with pytest.raises(ValueError, match="CodecConfig.dim must be an integer >= 1"):
         CodecConfig(dim=0)

@@ -11,13 +11,17 @@ import torch
 import kernels
 from book.train import TrainConfig
 from refimpl.baseline import BaselineConfig
+from refimpl.codec import CodecConfig
 from refimpl.config import check_fields, number, whole
 from refimpl.geometric import GeometricConfig
+from refimpl.geometric_training import CurriculumConfig
 from refimpl.henn import HENNConfig
+from refimpl.sintellix import SintellixConfig
 from refimpl.superblock import SuperblockConfig
 from refimpl.synapse import SynapseConfig
 
-CONFIGS = [TrainConfig, BaselineConfig, SynapseConfig, HENNConfig, SuperblockConfig, GeometricConfig]
+CONFIGS = [TrainConfig, BaselineConfig, SynapseConfig, HENNConfig, SuperblockConfig, GeometricConfig, SintellixConfig,
+           CodecConfig, CurriculumConfig]
 
 # (config, field, bad value, what the message says is allowed)
 BAD = [
@@ -46,6 +50,12 @@ BAD = [
     (SuperblockConfig, "mtp_horizons", 0, "an integer >= 1"),
     (GeometricConfig, "modulate", "q", "a tuple or list"),
     (GeometricConfig, "rank", 2.5, "an integer >= 1"),
+    (SintellixConfig, "radius", -1, "an integer >= 0"),
+    (SintellixConfig, "fxaa", "yes", "True or False"),
+    (CodecConfig, "beta", -0.25, "a finite number >= 0"),
+    (CodecConfig, "num_codes", 0, "an integer >= 1"),
+    (CurriculumConfig, "grad_clip", -1.0, "a finite number > 0"),
+    (CurriculumConfig, "lr_coord", 0, "a finite number > 0"),
 ]
 
 
@@ -94,3 +104,26 @@ def test_the_config_and_the_kernel_refuse_the_same_memory_decay(decay):
     kernel_ok = accepted(lambda: kernels.get("fast_weight_memory", "numba")(q, q, q, gate, decay=decay))
     reference_ok = accepted(lambda: kernels.get("fast_weight_memory", "reference")(q, q, q, gate, decay=decay))
     assert config_ok == kernel_ok == reference_ok == (0.0 <= decay <= 1.0)
+
+
+def test_every_config_in_refimpl_and_book_is_covered():
+    """No public config escapes the rules: every dataclass named *Config in refimpl and book is in CONFIGS."""
+    import dataclasses
+    import importlib
+    import pkgutil
+
+    import book
+    import refimpl
+    found = set()
+    for package in (refimpl, book):
+        for info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            found |= {obj for name, obj in vars(module).items() if name.endswith("Config") and
+                      dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__}
+    assert found == set(CONFIGS), f"configs without a test here: {sorted(c.__name__ for c in found - set(CONFIGS))}"
+
+
+@pytest.mark.parametrize("weights", [{"contrastive": 1.0}, {"contrastive": -1.0, "interference": 1.0, "temporal": 1.0}])
+def test_curriculum_weights_name_each_loss_once_with_a_weight_of_zero_or_more(weights):
+    with pytest.raises(ValueError, match="CurriculumConfig.weights must map each of contrastive, interference, temporal"):
+        CurriculumConfig(weights=weights)
