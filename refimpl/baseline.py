@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from refimpl.blocks import (GroupedQueryAttention, KVCache, RMSNorm, SwiGLU, TopKMoE, check_token_ids,
-                            config_from_preset, count_parameters, init_lm_weights)
+from refimpl.blocks import (GroupedQueryAttention, KVCache, RMSNorm, SwiGLU, TopKMoE, check_targets,
+                            check_token_ids, config_from_preset, count_parameters, init_lm_weights)
 from refimpl.config import check_fields, flag, number, whole
 
 
@@ -120,7 +120,7 @@ class BaselineLM(nn.Module):
         load-balancing loss. Pass `caches` (one KVCache per layer) to decode
         token by token; the result equals the full forward.
         """
-        check_token_ids("BaselineLM", idx, self.cfg.max_seq_len)
+        check_token_ids("BaselineLM", idx, self.cfg.max_seq_len, self.cfg.vocab_size)
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"need one KVCache per layer ({len(self.blocks)}), got {len(caches)}")
         x = self.embed(idx)                                          # [B, T, C]
@@ -129,6 +129,7 @@ class BaselineLM(nn.Module):
         logits = self.unembed(self.norm(x))                          # [B, T, V]
         loss = None
         if targets is not None:
+            check_targets("BaselineLM", targets, idx, self.cfg.vocab_size)
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
             if self.cfg.n_experts:
                 loss = loss + self.cfg.aux_loss_weight * sum(b.ffn.aux_loss for b in self.blocks)

@@ -247,10 +247,32 @@ class TopKMoE(nn.Module):
         return y.view(shape)
 
 
-def check_token_ids(model: str, idx: torch.Tensor, max_seq_len: int) -> None:
-    """What every language model of the book checks first: idx is an int tensor [B, T] with T <= max_seq_len."""
+def check_token_ids(model: str, idx: torch.Tensor, max_seq_len: int, vocab_size: int | None = None) -> None:
+    """What every language model of the book checks first: idx is an int tensor [B, T] with 1 <= T <= max_seq_len
+    and, given vocab_size, every id in [0, vocab_size) (an id past the table would fail deep inside the embedding)."""
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{model} expects idx as an int tensor [B, T], got "
                          f"{getattr(idx, 'dtype', type(idx).__name__)} {list(getattr(idx, 'shape', []))}")
+    if idx.shape[0] < 1 or idx.shape[1] < 1:
+        raise ValueError(f"{model} expects at least one sequence of at least one token, got idx {list(idx.shape)}")
     if idx.shape[1] > max_seq_len:
         raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than max_seq_len={max_seq_len}")
+    if vocab_size is not None:
+        low, high = int(idx.min()), int(idx.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{model}: token ids must be in [0, {vocab_size}), got ids from {low} to {high}")
+
+
+def check_targets(model: str, targets: torch.Tensor, idx: torch.Tensor, vocab_size: int) -> None:
+    """Targets are an int tensor of idx's shape [B, T], every id in [0, vocab_size). The book's models score every
+    position, so -100 (PyTorch's ignore index, which F.cross_entropy would drop without a word) is refused."""
+    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int32, torch.int64) \
+            or tuple(targets.shape) != tuple(idx.shape):
+        raise ValueError(f"{model} expects targets as an int tensor of idx's shape {list(idx.shape)}, got "
+                         f"{getattr(targets, 'dtype', type(targets).__name__)} {list(getattr(targets, 'shape', []))}")
+    low, high = int(targets.min()), int(targets.max())
+    if low == -100:
+        raise ValueError(f"{model}: targets hold -100, PyTorch's ignore index; this model scores every position "
+                         "and takes no ignore index, so mask the loss yourself instead")
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{model}: target ids must be in [0, {vocab_size}), got ids from {low} to {high}")

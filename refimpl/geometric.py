@@ -100,8 +100,8 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from refimpl import ops  # noqa: E402
-from refimpl.blocks import (RMSNorm, apply_rope, check_token_ids, config_from_preset, count_parameters,  # noqa: E402
-                            init_lm_weights, rope_tables)
+from refimpl.blocks import (RMSNorm, apply_rope, check_targets, check_token_ids, config_from_preset,  # noqa: E402
+                            count_parameters, init_lm_weights, rope_tables)
 from refimpl.config import check_fields, flag, instance, number, whole  # noqa: E402
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -287,7 +287,7 @@ class GeometricLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, theta: torch.Tensor | None = None):
         """idx [B, T] -> (logits [B, T, V], loss or None). theta: [B, T, D], or [D] for one coordinate everywhere."""
-        check_token_ids("GeometricLM", idx, self.cfg.max_seq_len)
+        check_token_ids("GeometricLM", idx, self.cfg.max_seq_len, self.cfg.vocab_size)
         B, T = idx.shape
         x = self.embed(idx)                                                     # [B, T, C]
         if theta is None:
@@ -303,6 +303,7 @@ class GeometricLM(nn.Module):
         logits = self.unembed(self.norm(x))
         if targets is None:
             return logits, None
+        check_targets("GeometricLM", targets, idx, self.cfg.vocab_size)
         return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
@@ -463,7 +464,7 @@ def coordinate_statistics(model: GeometricLM, idx: torch.Tensor, decay: float = 
     promises, each a float: mean ||theta_t||, mean per-dimension spread across the batch, mean token-to-token
     drift ||theta_t - theta_{t-1}||, mean and 90th-percentile uncertainty var(theta_t - ctx_t), and the
     mean wavelet phase spread (std of theta . c_i: near 0 the cos/sin terms barely move)."""
-    check_token_ids("coordinate_statistics", idx, model.cfg.max_seq_len)
+    check_token_ids("coordinate_statistics", idx, model.cfg.max_seq_len, model.cfg.vocab_size)
     theta = model.predictor(model.embed(idx))                                       # [B, T, D]
     u = uncertainty(theta, track_context(theta, decay)).flatten()
     drift = (theta[:, 1:] - theta[:, :-1]).norm(dim=-1) if idx.shape[1] > 1 else theta.new_zeros(1)

@@ -41,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from refimpl import quant
-from refimpl.blocks import (GroupedQueryAttention, KVCache, RMSNorm, SwiGLU, check_token_ids, config_from_preset,
-                            count_parameters, init_lm_weights)
+from refimpl.blocks import (GroupedQueryAttention, KVCache, RMSNorm, SwiGLU, check_targets, check_token_ids,
+                            config_from_preset, count_parameters, init_lm_weights)
 from refimpl.config import check_fields, choice, flag, number, whole
 from refimpl.gated_deltanet import GatedDeltaNet, GatedDeltaNetState
 from refimpl.io import read_tensors, write_tensors
@@ -173,7 +173,7 @@ class HENNLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, states: list[HENNState] | None = None):
         """idx: [B, T] -> (logits [B, T, V], mean next-token cross-entropy or None). `states` is carried."""
-        check_token_ids("HENNLM", idx, self.cfg.max_seq_len)
+        check_token_ids("HENNLM", idx, self.cfg.max_seq_len, self.cfg.vocab_size)
         if states is not None and [s.kind for s in states] != self.cfg.layer_kinds():
             raise ValueError(f"states must be one HENNState per layer of kinds {self.cfg.layer_kinds()}, "
                              f"got {[getattr(s, 'kind', type(s).__name__) for s in states]}")
@@ -183,6 +183,7 @@ class HENNLM(nn.Module):
         logits = self.unembed(self.norm(x)) + self.output_bias                      # [B, T, V]
         if targets is None:
             return logits, None
+        check_targets("HENNLM", targets, idx, self.cfg.vocab_size)
         return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 

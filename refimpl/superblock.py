@@ -44,8 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from refimpl.blocks import (GroupedQueryAttention, KVCache, RMSNorm, TopKMoE, check_token_ids, config_from_preset,
-                            count_parameters, init_lm_weights)
+from refimpl.blocks import (GroupedQueryAttention, KVCache, RMSNorm, TopKMoE, check_targets, check_token_ids,
+                            config_from_preset, count_parameters, init_lm_weights)
 from refimpl.config import check_fields, choice, flag, number, whole
 from refimpl.gated_deltanet import GatedDeltaNet, GatedDeltaNetState
 
@@ -210,7 +210,7 @@ class SuperblockLM(nn.Module):
 
     def hidden(self, idx: torch.Tensor, states: list[SuperblockState] | None = None):
         """idx: [B, T] -> (final hidden [B, T, C], every block's MTP hiddens). `states` carries decoding."""
-        check_token_ids("SuperblockLM", idx, self.cfg.max_seq_len)
+        check_token_ids("SuperblockLM", idx, self.cfg.max_seq_len, self.cfg.vocab_size)
         B, T = idx.shape
         if states is not None and len(states) != len(self.blocks):
             raise ValueError(f"need one SuperblockState per superblock ({len(self.blocks)}), got {len(states)}")
@@ -243,6 +243,7 @@ class SuperblockLM(nn.Module):
         logits = self.logits(h)                                               # [B, T, V]
         if targets is None:
             return logits, None
+        check_targets("SuperblockLM", targets, idx, self.cfg.vocab_size)
         next_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         # targets[:, t] is token t+1; token t+j is targets[:, t+j-1]
         T = targets.shape[1]

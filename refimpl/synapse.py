@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from refimpl.blocks import (ExpertPool, RMSNorm, check_token_ids, config_from_preset, count_parameters,
+from refimpl.blocks import (ExpertPool, RMSNorm, check_targets, check_token_ids, config_from_preset, count_parameters,
                             init_lm_weights, load_balancing_loss)
 from refimpl.config import check_fields, choice, flag, number, whole
 from refimpl.ssm import MambaLayer, MambaState
@@ -561,7 +561,7 @@ class SynapseLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, states: list[SynapseState] | None = None):
         """idx: [B, T] -> (logits [B, T, V], loss or None). `states` carries every layer's memory across calls."""
-        check_token_ids("SynapseLM", idx, self.cfg.max_seq_len)
+        check_token_ids("SynapseLM", idx, self.cfg.max_seq_len, self.cfg.vocab_size)
         if states is not None and len(states) != len(self.layers):
             raise ValueError(f"need one SynapseState per layer ({len(self.layers)}), got {len(states)}")
         x = self.embed(idx)                                                          # [B, T, C]
@@ -570,6 +570,7 @@ class SynapseLM(nn.Module):
         logits = self.unembed(self.norm(x))                                          # [B, T, V]
         if targets is None:
             return logits, None
+        check_targets("SynapseLM", targets, idx, self.cfg.vocab_size)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         aux = sum(layer.thalamus.aux_loss for layer in self.layers)
         return logits, loss + self.cfg.aux_loss_weight * aux
