@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
 from kernels.bench import Case, example_case, run_benchmark  # noqa: E402
-from refimpl.gated_deltanet import gated_delta_rule_chunked, gated_delta_rule_recurrent  # noqa: E402
+from refimpl.ops import gated_delta_rule_chunked, gated_delta_rule_recurrent  # noqa: E402
 
 CASES = [Case("gated_delta_rule", example_case("gated_delta_rule", 2000), "gated delta rule",
               gated_delta_rule_recurrent, {"chunked (refimpl op)": gated_delta_rule_chunked})]

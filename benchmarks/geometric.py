@@ -4,7 +4,7 @@
     python benchmarks/geometric.py --device cuda   # GPU: numba_cuda and cupy
     python benchmarks/geometric.py --quick         # fewer runs, no torch.compile (smoke test)
 
-The baseline is the op models call, `refimpl.geometric.modulated_linear`, which is already factored
+The baseline is the op models call, `refimpl.ops.modulated_linear`, which is already factored
 (x W^T + sum_i cos_i (x V_i) U_i^T + sin_i (x Q_i) P_i^T); torch.compile compiles it. Beside it runs
 the obviously right form, `modulated_linear_materialised`, which builds each row's W_eff(theta) and
 multiplies: what the write-up's formula says literally, and what the fused kernel exists to avoid.
@@ -30,7 +30,7 @@ import kernels  # noqa: E402  (first: decides numba's CUDA target)
 import torch  # noqa: E402
 from kernels.bench import Case, run_benchmark  # noqa: E402
 from kernels.check import random_tensor  # noqa: E402
-from refimpl import geometric  # noqa: E402
+from refimpl import ops  # noqa: E402
 from refimpl.geometric import GeometricConfig  # noqa: E402
 
 SHAPES = {}
@@ -55,10 +55,10 @@ def case_inputs(case: str):
     return make
 
 
-OTHERS = {"materialise W_eff, then matmul": geometric.modulated_linear_materialised}
+OTHERS = {"materialise W_eff, then matmul": ops.modulated_linear_materialised}
 CASES = [Case("modulated_linear", case_inputs(case), f"modulated linear, {case.split()[1]} layer {s['I']}->{s['O']}, "
                                                        f"M={s['M']} r={s['r']}, {s['N']} rows",
-              geometric.modulated_linear, OTHERS) for case, s in SHAPES.items()]
+              ops.modulated_linear, OTHERS) for case, s in SHAPES.items()]
 
 
 def main(argv: list[str] | None = None) -> int:

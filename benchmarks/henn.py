@@ -26,19 +26,19 @@ if str(ROOT) not in sys.path:
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
 from kernels.bench import Case, example_case, run_benchmark  # noqa: E402
-from refimpl import mamba3, quant  # noqa: E402
+from refimpl import ops  # noqa: E402
 
 
 CASES = [
     Case("mamba3_scan", example_case("mamba3_scan", 2000), "Mamba-3 scan (MIMO 2, rotating, trapezoid)",
-         mamba3.mamba3_scan_recurrent, {"chunked matrix form": mamba3.mamba3_scan}),
-    Case("pack_bits", example_case("pack_bits int6 [B, H, T*D + 3]", 2000), "pack INT6", quant.pack_bits),
-    Case("unpack_bits", example_case("unpack_bits int6 [B, H, bytes]", 2000), "unpack INT6", quant.unpack_bits),
+         ops.mamba3_scan_recurrent, {"chunked matrix form": ops.mamba3_scan}),
+    Case("pack_bits", example_case("pack_bits int6 [B, H, T*D + 3]", 2000), "pack INT6", ops.pack_bits),
+    Case("unpack_bits", example_case("unpack_bits int6 [B, H, bytes]", 2000), "unpack INT6", ops.unpack_bits),
     Case("dequantize_packed", example_case("dequantize_packed int6 [B*H, bytes]", 2000), "dequantise packed INT6",
-         quant.dequantize_packed),
-    Case("pack_bits", example_case("pack_bits int4 [B, H, T*D + 3]", 2000), "pack INT4", quant.pack_bits),
+         ops.dequantize_packed),
+    Case("pack_bits", example_case("pack_bits int4 [B, H, T*D + 3]", 2000), "pack INT4", ops.pack_bits),
     Case("dequantize_packed", example_case("dequantize_packed int4 [B*H, bytes]", 2000), "dequantise packed INT4",
-         quant.dequantize_packed),
+         ops.dequantize_packed),
 ]
 
 

@@ -4,9 +4,9 @@
     python benchmarks/sintellix.py --device cuda   # GPU: numba_cuda and cupy
     python benchmarks/sintellix.py --quick         # fewer runs, no torch.compile (smoke test)
 
-The truth and the baseline of each op is its refimpl function: `grid_attention.neighbourhood_attention`
-(pad, 27 shifted views, masked softmax), `vq.vq_nearest` (chunked expanded distances, argmin) and
-`optim.adam_clip_step` (the norm, then PyTorch's element-wise Adam); torch.compile compiles each.
+The truth and the baseline of each op is its refimpl function: `ops.neighbourhood_attention`
+(pad, 27 shifted views, masked softmax), `ops.vq_nearest` (chunked expanded distances, argmin) and
+`ops.adam_clip_step` (the norm, then PyTorch's element-wise Adam); torch.compile compiles each.
 Shapes: kernels.check.example_inputs("small"): attention on an 8 x 4 x 4 grid, batch 16, 4 heads of 32,
 radius 2; the search over 2,032 vectors of 128 against 511 codes; Adam over 260,096 parameters. The Adam kernel
 updates its inputs in place, so repeated timing runs keep stepping the same buffers (the work per step
@@ -25,13 +25,13 @@ if str(ROOT) not in sys.path:
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
 from kernels.bench import Case, example_case, run_benchmark  # noqa: E402
-from refimpl import grid_attention, optim, vq  # noqa: E402
+from refimpl import ops  # noqa: E402
 
 CASES = [
     Case("neighbourhood_attention", example_case("neighbourhood_attention", 3000),
-         "3D neighbourhood attention (radius 2)", grid_attention.neighbourhood_attention),
-    Case("vq_nearest", example_case("vq_nearest", 3000), "nearest-code search", vq.vq_nearest),
-    Case("adam_clip_step", example_case("adam_clip_step", 3000), "Adam step with clipping", optim.adam_clip_step),
+         "3D neighbourhood attention (radius 2)", ops.neighbourhood_attention),
+    Case("vq_nearest", example_case("vq_nearest", 3000), "nearest-code search", ops.vq_nearest),
+    Case("adam_clip_step", example_case("adam_clip_step", 3000), "Adam step with clipping", ops.adam_clip_step),
 ]
 
 

@@ -1,6 +1,6 @@
 """Adam with gradient clipping, fused on flat buffers: one reduction, then one element-wise update.
 
-Reference: `refimpl.optim.adam_clip_step` (= clip_grad_norm_ then torch.optim.Adam's step).
+Reference: `refimpl.ops.adam_clip_step` (= clip_grad_norm_ then torch.optim.Adam's step).
     param, grad, exp_avg, exp_avg_sq [N], step t, lr, beta1, beta2, eps, weight_decay, max_norm or None
     -> total_norm (0-dim, the gradient norm before clipping); param, exp_avg, exp_avg_sq updated IN PLACE
 
@@ -58,9 +58,9 @@ from kernels import launch
 from kernels.registry import register
 from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, new_output,
                              numba_cuda_view, numpy_view)
-from refimpl import optim
+from refimpl import ops
 
-register("adam_clip_step", "reference")(optim.adam_clip_step)
+register("adam_clip_step", "reference")(ops.adam_clip_step)
 
 #: the arguments the op updates in place (param, exp_avg, exp_avg_sq): kernels.check compares them as outputs
 IN_PLACE_ARGUMENTS = {"adam_clip_step": (0, 2, 3)}
@@ -72,7 +72,7 @@ SIMULATOR_REDUCE_BLOCKS = 2  # under numba's simulator: still two blocks meeting
 
 
 def _prepare(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, max_norm, backend, dtypes):
-    N = optim.check_adam_clip_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
+    N = ops.check_adam_clip_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
                                    max_norm)
     tensors = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     expect_dtype("adam_clip_step", "param", param, dtypes)   # the check above made all four one dtype
@@ -138,7 +138,7 @@ def adam_clip_step_numba(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, bet
     _, step_size, bc2_sqrt = _prepare(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
                                       max_norm, "numba", (torch.float32, torch.float64))
     norm = math.sqrt(_sum_of_squares_cpu(numpy_view(grad)))                  # pass 1
-    coef = 1.0 if max_norm is None else min(1.0, max_norm / (norm + optim.CLIP_EPS))
+    coef = 1.0 if max_norm is None else min(1.0, max_norm / (norm + ops.CLIP_EPS))
     _adam_update_cpu(numpy_view(param), numpy_view(grad), numpy_view(exp_avg), numpy_view(exp_avg_sq),  # pass 2
                      coef, beta1, beta2, step_size, bc2_sqrt, eps, weight_decay)
     _mark_written(param, exp_avg, exp_avg_sq)

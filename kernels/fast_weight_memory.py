@@ -1,6 +1,6 @@
 """Fast-weight memory kernels: the fused recurrent forward, state in and state out.
 
-Reference: `refimpl.synapse.fast_weight_memory` (ground truth: `fast_weight_memory_recurrent`).
+Reference: `refimpl.ops.fast_weight_memory` (ground truth: `fast_weight_memory_recurrent`).
     q, k [B, T, H, Dk], v [B, T, H, Dv], gate [B, T, H] (pre-sigmoid), initial_state [B, H, Dk, Dv] or None
     -> reads [B, T, H, Dv], final W [B, H, Dk, Dv]
 
@@ -27,7 +27,7 @@ The ladder
                 threads read v_t[j] and write r_t[j] at neighbouring addresses (coalesced).
     cupy        fast_weight_memory.cu, fast_weight_column_per_thread: the same in CUDA C.
 Faster rungs (q_t, k_t staged in shared memory; the chunked form of
-`refimpl.synapse.fast_weight_memory_parallel` on tensor cores) are the GPU issue's work.
+`refimpl.ops.fast_weight_memory_parallel` on tensor cores) are the GPU issue's work.
 """
 
 from __future__ import annotations
@@ -44,15 +44,15 @@ from kernels import launch
 from kernels.registry import register
 from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
                              numba_cuda_view, numpy_view)
-from refimpl import synapse
+from refimpl import ops
 
-register("fast_weight_memory", "reference")(synapse.fast_weight_memory)
+register("fast_weight_memory", "reference")(ops.fast_weight_memory)
 
 MAX_KEY_DIM = 128  # length of the per-thread column of W in the CUDA versions
 
 
 def _prepare(q, k, v, gate, decay, strength, initial_state, backend, dtypes):
-    B, T, H, Dk, Dv = synapse.check_fast_weight_args(q, k, v, gate, initial_state)
+    B, T, H, Dk, Dv = ops.check_fast_weight_args(q, k, v, gate, initial_state)
     if min(B, T, H, Dk, Dv) < 1:
         raise ValueError(f"fast_weight_memory: every size must be >= 1, got B={B}, T={T}, H={H}, Dk={Dk}, Dv={Dv}")
     if not 0.0 <= decay <= 1.0:

@@ -1,6 +1,6 @@
 """Gated delta rule kernels: the fused recurrent forward, state in and state out.
 
-Reference: `refimpl.gated_deltanet.gated_delta_rule` (ground truth: `gated_delta_rule_recurrent`).
+Reference: `refimpl.ops.gated_delta_rule` (ground truth: `gated_delta_rule_recurrent`).
     q, k [B, T, H, K], v [B, T, H, V], g, beta [B, T, H], initial_state [B, H, V, K] or None
     -> o [B, T, H, V], final state [B, H, V, K]
 
@@ -40,15 +40,15 @@ from kernels import launch
 from kernels.registry import register
 from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
                              numba_cuda_view, numpy_view)
-from refimpl import gated_deltanet
+from refimpl import ops
 
-register("gated_delta_rule", "reference")(gated_deltanet.gated_delta_rule)
+register("gated_delta_rule", "reference")(ops.gated_delta_rule)
 
 MAX_KEY_DIM = 256  # length of the per-thread state row in the CUDA versions
 
 
 def _prepare(q, k, v, g, beta, initial_state, scale, backend, dtypes):
-    B, T, H, K, V = gated_deltanet.check_gated_delta_rule_args(q, k, v, g, beta, initial_state)
+    B, T, H, K, V = ops.check_gated_delta_rule_args(q, k, v, g, beta, initial_state)
     expect_dtype("gated_delta_rule", "q", q, dtypes)
     tensors = {"q": q, "k": k, "v": v, "g": g, "beta": beta}
     if initial_state is not None:

@@ -1,6 +1,6 @@
 """Mamba-3 scan kernels: the recurrent forward (trapezoidal step, rotating state, MIMO), state in and out.
 
-Reference: `refimpl.mamba3.mamba3_scan` (ground truth: `mamba3_scan_recurrent`).
+Reference: `refimpl.ops.mamba3_scan` (ground truth: `mamba3_scan_recurrent`).
     x [B, T, H, R, P], dt, A [B, T, H], Bm, Cm [B, T, H, R, N], theta [B, T, H, K] or None,
     trap [B, T, H] or None, D [H] or None, initial_state Mamba3ScanState or None
     -> y [B, T, H, R, P], Mamba3ScanState(h [B, H, P, N], angle [B, H, K] (theta None: the initial
@@ -59,9 +59,9 @@ from kernels import launch
 from kernels.registry import register
 from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
                              numba_cuda_view, numpy_view)
-from refimpl import mamba3
+from refimpl import ops
 
-register("mamba3_scan", "reference")(mamba3.mamba3_scan)
+register("mamba3_scan", "reference")(ops.mamba3_scan)
 
 MAX_STATE_DIM = 64                          # N: length of the per-thread state row in the CUDA versions
 MAX_RANK = 4                                # R: MIMO rank; each CUDA thread holds R * N <= 256 values of B~_prev
@@ -77,12 +77,12 @@ def _prepare(x, dt, A, Bm, Cm, theta, trap, D, initial_state, backend, dtypes):
         (the starting values, read only; zeros when None)
     and the outputs are y, h [B, H, P, N] (filled with the starting h, updated in place),
     angle [B, H, max(K, 1)], B_prev, x_prev (written by the kernel)."""
-    Bsz, T, H, R, P, N, K = mamba3.check_mamba3_args(x, dt, A, Bm, Cm, theta, trap, D, initial_state)
+    Bsz, T, H, R, P, N, K = ops.check_mamba3_args(x, dt, A, Bm, Cm, theta, trap, D, initial_state)
     if backend != "numba" and N > MAX_STATE_DIM:
         raise ValueError(f"mamba3_scan: {backend} kernels support state size N <= {MAX_STATE_DIM}, got {N}")
     if backend != "numba" and R > MAX_RANK:
         raise ValueError(f"mamba3_scan: {backend} kernels support MIMO rank R <= {MAX_RANK}, got {R}")
-    start = initial_state if initial_state is not None else mamba3.Mamba3ScanState(None)
+    start = initial_state if initial_state is not None else ops.Mamba3ScanState(None)
     tensors = {"x": x, "dt": dt, "A": A, "B": Bm, "C": Cm, "theta": theta, "trap": trap, "D": D,
                "initial_state.h": start.h, "initial_state.B_prev": start.B_prev,
                "initial_state.x_prev": start.x_prev}
@@ -124,7 +124,7 @@ def _result(outputs, K, initial_state):
         angle = outputs["angle"]
     else:
         angle = initial_state.angle if initial_state is not None else None
-    return outputs["y"], mamba3.Mamba3ScanState(outputs["h"], angle, outputs["B_prev"], outputs["x_prev"])
+    return outputs["y"], ops.Mamba3ScanState(outputs["h"], angle, outputs["B_prev"], outputs["x_prev"])
 
 
 # ---------------------------------------------------------------- numba (CPU)
@@ -354,12 +354,12 @@ def example_inputs(shapes: dict, generator=None) -> dict:
     theta = math.pi * torch.tanh(random_tensor((B, T, H, K), generator=generator))
     trap = torch.sigmoid(random_tensor((B, T, H), generator=generator))
     D = random_tensor((H,), generator=generator)
-    state = mamba3.Mamba3ScanState(
+    state = ops.Mamba3ScanState(
         h=random_tensor((B, H, P, N), generator=generator, scale=0.5),
         angle=2 * math.pi * torch.rand(B, H, K, generator=generator),
         B_prev=(1.0 + random_tensor((B, H, R, N), generator=generator)) / math.sqrt(N),
         x_prev=random_tensor((B, H, R, P), generator=generator))
-    carried_angle = mamba3.Mamba3ScanState(None, angle=2 * math.pi * torch.rand(B, H, K, generator=generator))
+    carried_angle = ops.Mamba3ScanState(None, angle=2 * math.pi * torch.rand(B, H, K, generator=generator))
     return {"mamba3_scan": ((x, dt, A, Bm, Cm, theta, trap, D), {"initial_state": state}),
             "mamba3_scan (real state, trap None, from zeros)": ((x, dt, A, Bm, Cm, None, None, D),
                                                                 {"initial_state": carried_angle})}

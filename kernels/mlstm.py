@@ -1,6 +1,6 @@
 """Stabilised mLSTM kernels (xLSTM, Beck et al. 2024): the recurrent forward, state in and state out.
 
-Reference: `refimpl.synapse.mlstm` (= `mlstm_recurrent(..., stabilised=True)`, the step loop).
+Reference: `refimpl.ops.mlstm` (= `mlstm_recurrent(..., stabilised=True)`, the step loop).
     q, k [B, T, H, Dk], v [B, T, H, Dv], i_pre, f_pre [B, T, H] (gate pre-activations i~, f~),
     initial_state (C [B, H, Dv, Dk], n [B, H, Dk], m [B, H]) or None
     -> h [B, T, H, Dv], final state (C, n, m)
@@ -50,9 +50,9 @@ from kernels import launch
 from kernels.registry import register
 from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
                              numba_cuda_view, numpy_view)
-from refimpl import synapse
+from refimpl import ops
 
-register("mlstm", "reference")(synapse.mlstm)
+register("mlstm", "reference")(ops.mlstm)
 
 MAX_HEAD_DIM = 128  # length of the per-thread C row and n vector in the CUDA versions (bounds Dk)
 
@@ -61,7 +61,7 @@ def _prepare(q, k, v, i_pre, f_pre, initial_state, backend, dtypes):
     """Check the arguments; allocate h and the final state. Returns
     (sizes, h, C [filled with the starting C, updated in place], n0, m0 [starting n, m: read only],
     n, m [the final n, m: written by the kernel])."""
-    B, T, H, Dk, Dv = synapse.check_mlstm_args(q, k, v, i_pre, f_pre, initial_state)
+    B, T, H, Dk, Dv = ops.check_mlstm_args(q, k, v, i_pre, f_pre, initial_state)
     expect_dtype("mlstm", "q", q, dtypes)
     tensors = {"q": q, "k": k, "v": v, "i_pre": i_pre, "f_pre": f_pre}
     if initial_state is not None:

@@ -1,6 +1,6 @@
 """Coordinate-modulated linear layer kernels: a base GEMM plus low-rank cos/sin terms, in one pass.
 
-Reference: `refimpl.geometric.modulated_linear` (obviously right: `modulated_linear_materialised`).
+Reference: `refimpl.ops.modulated_linear` (obviously right: `modulated_linear_materialised`).
     x [N, I], weight [O, I], U, P [M, O, r], V, Q [M, I, r], cos, sin [N, M] -> y [N, O]
 
 Every row n has its own effective weight
@@ -52,9 +52,9 @@ from kernels import launch
 from kernels.registry import register
 from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
                              numba_cuda_view, numpy_view)
-from refimpl import geometric
+from refimpl import ops
 
-register("modulated_linear", "reference")(geometric.modulated_linear)
+register("modulated_linear", "reference")(ops.modulated_linear)
 
 # Coefficients per term (cos or sin) a CUDA block keeps in shared memory: M * r <= 1024, e.g. 64 x 16
 # (the write-up's 64 x 12 fits). Two terms of float32: 2 * 1024 * 4 B = 8 KB per block.
@@ -63,7 +63,7 @@ MAX_THREADS = 128  # block size of the block-per-row versions on a GPU
 
 
 def _prepare(x, weight, U, V, P, Q, cos, sin, backend, dtypes):
-    N, I, O, M, r = geometric.check_modulated_linear_args(x, weight, U, V, P, Q, cos, sin)  # shapes, one dtype
+    N, I, O, M, r = ops.check_modulated_linear_args(x, weight, U, V, P, Q, cos, sin)  # shapes, one dtype
     if backend != "numba" and M * r > MAX_MODULATION:
         raise ValueError(f"modulated_linear: {backend} kernels keep M * r <= {MAX_MODULATION} coefficients per term "
                          f"in shared memory (MAX_MODULATION), got M * r = {M} * {r} = {M * r}")

@@ -1,6 +1,6 @@
 """3D neighbourhood attention kernels: every neuron of a grid attends over the cube around it.
 
-Reference: `refimpl.grid_attention.neighbourhood_attention` (ground truth: `neighbourhood_attention_dense`).
+Reference: `refimpl.ops.neighbourhood_attention` (ground truth: `neighbourhood_attention_dense`).
     q, k, v [B, X, Y, Z, H, D], radius r -> out [B, X, Y, Z, H, D]
 Neuron (x, y, z), head h, reads the neurons (x', y', z') of the grid with
 max(|x - x'|, |y - y'|, |z - z'|) <= r, itself included; the grid does not wrap around.
@@ -40,15 +40,15 @@ from kernels import launch
 from kernels.registry import register
 from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
                              numba_cuda_view, numpy_view)
-from refimpl import grid_attention
+from refimpl import ops
 
-register("neighbourhood_attention", "reference")(grid_attention.neighbourhood_attention)
+register("neighbourhood_attention", "reference")(ops.neighbourhood_attention)
 
 MAX_HEAD_DIM = 128  # per-thread accumulator length in the CUDA versions (the write-up: d = 1024 / 8 heads)
 
 
 def _prepare(q, k, v, radius, backend, dtypes):
-    B, X, Y, Z, H, D = grid_attention.check_neighbourhood_attention_args(q, k, v, radius)
+    B, X, Y, Z, H, D = ops.check_neighbourhood_attention_args(q, k, v, radius)
     if backend != "numba" and D > MAX_HEAD_DIM:
         raise ValueError(f"neighbourhood_attention: {backend} kernels support head dimension "
                          f"D <= {MAX_HEAD_DIM}, got {D}")

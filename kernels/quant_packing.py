@@ -74,11 +74,11 @@ from kernels import launch
 from kernels.registry import register
 from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
                              numba_cuda_view, numpy_view)
-from refimpl import quant
+from refimpl import ops
 
-register("pack_bits", "reference")(quant.pack_bits)
-register("unpack_bits", "reference")(quant.unpack_bits)
-register("dequantize_packed", "reference")(quant.dequantize_packed)
+register("pack_bits", "reference")(ops.pack_bits)
+register("unpack_bits", "reference")(ops.unpack_bits)
+register("dequantize_packed", "reference")(ops.dequantize_packed)
 
 VALUES_PER_GROUP = {6: 4, 4: 2}   # a group: the fewest values that fill whole bytes (lcm(bits, 8) bits: 3 or 1)
 
@@ -130,25 +130,25 @@ def _workers(rows: int, n: int, bits: int) -> int:
 
 
 def _prepare_pack(q, bits, backend):
-    rows, n = quant.check_pack_args(q, bits)                 # the reference's check: bits, integer dtype, range
+    rows, n = ops.check_pack_args(q, bits)                 # the reference's check: bits, integer dtype, range
     expect_device("pack_bits", backend, {"q": q})
     # In range means it fits in int8: a copy for int16/32/64 inputs, none for int8 ones.
     values = q.to(torch.int8).reshape(rows, n)
-    nbytes = quant.packed_length(n, bits)
+    nbytes = ops.packed_length(n, bits)
     packed = new_output((*q.shape[:-1], nbytes), torch.uint8, q.device)
     return values, packed.view(rows, nbytes), packed, _workers(rows, n, bits)   # (kernel's 2-D views, output, workers)
 
 
 def _prepare_unpack(packed, n, bits, backend):
-    rows = quant.check_unpack_args(packed, n, bits)          # the reference's check: bits, uint8, bytes per row
+    rows = ops.check_unpack_args(packed, n, bits)          # the reference's check: bits, uint8, bytes per row
     expect_device("unpack_bits", backend, {"packed": packed})
     out = new_output((*packed.shape[:-1], n), torch.int8, packed.device)
     return packed.reshape(rows, packed.shape[-1]), out.view(rows, n), out, _workers(rows, n, bits)
 
 
 def _check_dequantize_args(packed, scale, n, bits) -> int:
-    """refimpl.quant.dequantize_packed's own checks (it has no separate check function), same messages."""
-    rows = quant.check_unpack_args(packed, n, bits)
+    """refimpl.ops.dequantize_packed's own checks (it has no separate check function), same messages."""
+    rows = ops.check_unpack_args(packed, n, bits)
     if packed.dim() != 2 or not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (rows,):
         raise ValueError(f"dequantize_packed: need packed [R, bytes] and scale [R], got "
                          f"{list(packed.shape)} and {list(getattr(scale, 'shape', []))}")
@@ -382,7 +382,7 @@ def example_inputs(shapes: dict, generator=None) -> dict:
     B, H, n = shapes["B"], shapes["H"], shapes["T"] * shapes["D"] + 3
     cases = {}
     for bits in (6, 4):
-        nbytes = quant.packed_length(n, bits)
+        nbytes = ops.packed_length(n, bits)
         cases[f"pack_bits int{bits} [B, H, T*D + 3]"] = ((_values_with_extremes((B, H, n), bits, generator), bits), {})
         cases[f"unpack_bits int{bits} [B, H, bytes]"] = ((_bytes_with_extremes((B, H, nbytes), generator), n, bits), {})
         scale = torch.exp(random_tensor((B * H,), generator=generator)) / (2 ** (bits - 1) - 1)   # peak / q_max

@@ -4,9 +4,9 @@
     with kernels.use("numba"):                # every op that has a numba kernel, for this block
         logits, _ = model(idx)
 
-Swapping rebinds the op's name in the module that defines its reference
-(`refimpl.ops.rms_norm`, say). Models call ops through their module, so they
-pick the kernel up; nothing falls back silently: an op is swapped or it is not,
+Swapping rebinds the op's name in the `refimpl.ops` package (`refimpl.ops.rms_norm`,
+say). Models call every op through that package, so they pick the kernel up;
+nothing falls back silently: an op is swapped or it is not,
 and `use` yields what it swapped and counts each kernel's calls, so a swap that
 the model never reached (a layer taking another path) shows as never called.
 """
@@ -14,9 +14,10 @@ the model never reached (a layer taking another path) shows as never called.
 from __future__ import annotations
 
 import functools
-import sys
 from contextlib import contextmanager
 from typing import Callable
+
+from refimpl import ops as refimpl_ops
 
 BACKENDS = ("reference", "numba", "numba_cuda", "cupy")
 
@@ -110,6 +111,17 @@ def _counted(kernel: Callable, name: str, swap: Swap) -> Callable:
     return counted
 
 
+def _public_name(op: str) -> str:
+    """The name under which models reach `op` in `refimpl.ops`: its reference's name, which must be exported
+    there (a reference that models cannot reach through the package is a swap that would do nothing)."""
+    reference = get(op, "reference")
+    attr = reference.__name__
+    if attr not in refimpl_ops.__all__:
+        raise KernelNotFound(f"op {op!r}: its reference {reference.__module__}.{attr} is not exported by refimpl.ops, "
+                             f"so no model calling refimpl.ops would see a swap")
+    return attr
+
+
 @contextmanager
 def use(backend: str, ops: list[str] | tuple[str, ...] | None = None):
     """Within the block, models run the `backend` kernels instead of the reference ops.
@@ -133,10 +145,9 @@ def use(backend: str, ops: list[str] | tuple[str, ...] | None = None):
     originals = []
     try:
         for name, kernel in kernels.items():
-            reference = get(name, "reference")
-            module = sys.modules[reference.__module__]
-            originals.append((module, reference.__name__, getattr(module, reference.__name__)))
-            setattr(module, reference.__name__, _counted(kernel, name, swap))
+            attr = _public_name(name)
+            originals.append((refimpl_ops, attr, getattr(refimpl_ops, attr)))
+            setattr(refimpl_ops, attr, _counted(kernel, name, swap))
         yield swap
     finally:
         for module, attr, original in reversed(originals):

@@ -1,6 +1,6 @@
 """Selective scan (Mamba S6) kernels: the recurrent forward, state in and state out.
 
-Reference: `refimpl.ssm.selective_scan` (ground truth: `selective_scan_recurrent`).
+Reference: `refimpl.ops.selective_scan` (ground truth: `selective_scan_recurrent`).
     u, delta [B, T, Dm], A [Dm, N], Bm, Cm [B, T, N], D [Dm] or None, initial_state [B, Dm, N] or None
     -> y [B, T, Dm], final state h [B, Dm, N]
 
@@ -41,15 +41,15 @@ from kernels import launch
 from kernels.registry import register
 from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
                              numba_cuda_view, numpy_view)
-from refimpl import ssm
+from refimpl import ops
 
-register("selective_scan", "reference")(ssm.selective_scan)
+register("selective_scan", "reference")(ops.selective_scan)
 
 MAX_STATE_DIM = 64  # length of the per-thread state array in the CUDA versions (Mamba uses N = 16)
 
 
 def _prepare(u, delta, A, Bm, Cm, D, initial_state, backend, dtypes):
-    Bsz, T, Dm, N = ssm.check_selective_scan_args(u, delta, A, Bm, Cm, D, initial_state)
+    Bsz, T, Dm, N = ops.check_selective_scan_args(u, delta, A, Bm, Cm, D, initial_state)
     if backend != "numba" and N > MAX_STATE_DIM:
         raise ValueError(f"selective_scan: {backend} kernels support state size N <= {MAX_STATE_DIM}, got {N}")
     tensors = {"u": u, "delta": delta, "A": A, "B": Bm, "C": Cm}

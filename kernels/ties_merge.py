@@ -1,6 +1,6 @@
 """TIES-merging kernels: trim, elect, disjoint merge of K task vectors.
 
-Reference: `refimpl.merging.ties_merge`.
+Reference: `refimpl.ops.ties_merge`.
     tau [K, P] (K task vectors of P parameters), density, lam, sign_rule ("mass" | "count"),
     divide_by ("agreeing" | "all") -> merged change [P]
 
@@ -54,9 +54,9 @@ from kernels import launch
 from kernels.registry import register
 from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, forward_only, new_output,
                              numba_cuda_view, numpy_view)
-from refimpl import merging
+from refimpl import ops
 
-register("ties_merge", "reference")(merging.ties_merge)
+register("ties_merge", "reference")(ops.ties_merge)
 
 MAX_THREADS = 128        # block size of the numba CUDA select (a power of two)
 CUPY_SELECT_THREADS = 1024  # block size of the CuPy select: one block per row, so make it a big one
@@ -64,7 +64,7 @@ MAX_PARAMETERS = 2**30    # the CUDA versions index and count with 32-bit ints (
 
 
 def _prepare(tau, density, sign_rule, divide_by, backend, dtypes):
-    merging._check(tau)                                    # the reference's own check: float [K, P], K, P >= 1
+    ops.check_ties_merge_args(tau)                                    # the reference's own check: float [K, P], K, P >= 1
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     if sign_rule not in ("mass", "count"):

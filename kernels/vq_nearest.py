@@ -1,6 +1,6 @@
 """Nearest-code search (vector quantisation) kernels: for each row, the closest codebook entry.
 
-Reference: `refimpl.vq.vq_nearest`.
+Reference: `refimpl.ops.vq_nearest`.
     z [N, C], codebook [K, C] -> (indices [N] int64, distances [N] z.dtype)
     indices_n = argmin_k ||z_n - codebook_k||^2 (exact ties: the lowest k), distances_n = that minimum
 
@@ -50,9 +50,9 @@ from kernels import launch
 from kernels.registry import register
 from kernels.tensors import (NUMBA_FASTMATH, cupy_view, expect_device, expect_dtype, new_output, numba_cuda_view,
                              numpy_view)
-from refimpl import vq
+from refimpl import ops
 
-register("vq_nearest", "reference")(vq.vq_nearest)
+register("vq_nearest", "reference")(ops.vq_nearest)
 
 MAX_BLOCK = 128          # numba_cuda: shared-memory length of the reduction; a launch uses a power of two <= this
 CUPY_BLOCK = 128         # = VQ_BLOCK in vq_nearest.cu: the CUDA C kernel's (fixed) block size
@@ -60,7 +60,7 @@ INT32_MAX = 2 ** 31 - 1  # the CUDA versions index codes with int and launch one
 
 
 def _prepare(z, codebook, backend, dtypes):
-    N, K, C = vq.check_vq_nearest_args(z, codebook)
+    N, K, C = ops.check_vq_nearest_args(z, codebook)
     if backend != "numba" and max(N, K) > INT32_MAX:
         raise ValueError(f"vq_nearest: {backend} kernels support N, K <= {INT32_MAX}, got N = {N}, K = {K}")
     expect_dtype("vq_nearest", "z", z, dtypes)            # the check above made the codebook z's dtype

@@ -1,35 +1,11 @@
-"""Gated DeltaNet: linear attention whose memory is edited by the delta rule and forgets by a gate.
+"""The Gated DeltaNet layer: projections, a short convolution, the gates, the rule, an output gate.
 
-Paper: Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks: Improving Mamba2 with
-Delta Rule", arXiv:2412.06464. The delta rule itself: Schlag, Irie & Schmidhuber 2021,
-arXiv:2102.11174; its chunked (WY / UT) form: Yang et al. 2024, "Parallelizing Linear
-Transformers with the Delta Rule over Sequence Length", arXiv:2406.06484.
+Paper: Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks: Improving Mamba2 with Delta Rule",
+arXiv:2412.06464 (section 3). The recurrence itself, its step loop and its chunked form are the op
+`refimpl.ops.gated_delta_rule`; this file wraps it as a token mixer, x [B, T, C] -> [B, T, C],
+whose state (`GatedDeltaNetState`) can be carried from call to call.
 
-The recurrence, per batch element and head, with a state matrix S of shape [V, K]:
-
-    S_t = alpha_t * S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T
-        = alpha_t * S_{t-1} + beta_t (v_t - alpha_t S_{t-1} k_t) k_t^T      (same thing, cheaper)
-    o_t = S_t (scale * q_t)
-
-Read as memory editing: alpha_t S_{t-1} k_t is what the decayed memory currently
-returns for key k_t; the update moves that answer a fraction beta_t of the way to v_t.
-
-Glossary
-    B batch   T tokens   H heads   K key/query head dim   V value head dim   C chunk length
-    q, k   [B, T, H, K]   queries and keys (the layer L2-normalises them)
-    v      [B, T, H, V]   values
-    g      [B, T, H]      log decay, g <= 0; alpha = exp(g) in (0, 1]
-    beta   [B, T, H]      write strength in [0, 1]
-    S      [B, H, V, K]   the state; `initial_state` in, final state out
-
-Two forms of the same function:
-    gated_delta_rule_recurrent  the step loop: the ground truth (slow, obviously right)
-    gated_delta_rule_chunked    chunks of C tokens: inside a chunk, a triangular solve turns the
-                                C sequential updates into matrix products (the "UT transform");
-                                between chunks, the state is carried. Tested equal to the loop.
-`gated_delta_rule` is the op models call (the chunked form); kernels replace it.
-
-Does not include: the backward pass beyond autograd, or anything fused: see kernels/gated_delta_rule.py.
+Does not include: the recurrence (refimpl/ops/gated_delta_rule.py) or a kernel (kernels/gated_delta_rule.py).
 """
 
 from __future__ import annotations
@@ -40,122 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from refimpl import ops
 from refimpl.blocks import RMSNorm
-
-
-def check_gated_delta_rule_args(q, k, v, g, beta, initial_state):
-    """Validate the op's arguments; return (B, T, H, K, V)."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"gated_delta_rule: {name} must be a floating-point tensor")
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"gated_delta_rule: q and k must both be [B, T, H, K], got {list(q.shape)} and {list(k.shape)}")
-    B, T, H, K = q.shape
-    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H):
-        raise ValueError(f"gated_delta_rule: v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {list(v.shape)}")
-    V = v.shape[3]
-    for name, t in (("g", g), ("beta", beta)):
-        if tuple(t.shape) != (B, T, H):
-            raise ValueError(f"gated_delta_rule: {name} must be [B, T, H] = [{B}, {T}, {H}], got {list(t.shape)}")
-    if min(B, T, H, K, V) < 1:
-        raise ValueError(f"gated_delta_rule: every size must be >= 1, got q {list(q.shape)}, v {list(v.shape)}")
-    if initial_state is not None:
-        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != (B, H, V, K):
-            raise ValueError(f"gated_delta_rule: initial_state must be a tensor [B, H, V, K] = [{B}, {H}, {V}, {K}], "
-                             f"got {list(getattr(initial_state, 'shape', [])) or type(initial_state).__name__}")
-        if initial_state.dtype != q.dtype or initial_state.device != q.device:
-            raise ValueError(f"gated_delta_rule: initial_state must match q's dtype and device ({q.dtype}, {q.device}), "
-                             f"got {initial_state.dtype}, {initial_state.device}")
-    dtypes = {t.dtype for t in (q, k, v, g, beta)}
-    if len(dtypes) > 1:
-        raise ValueError(f"gated_delta_rule: q, k, v, g, beta must share a dtype, got {sorted(map(str, dtypes))}")
-    return B, T, H, K, V
-
-
-def _start_state(initial_state, B, H, V, K, like: torch.Tensor) -> torch.Tensor:
-    if initial_state is None:
-        return torch.zeros(B, H, V, K, dtype=like.dtype, device=like.device)
-    return initial_state.to(like.dtype)  # the fp32 copy, when the chunked form promotes half precision
-
-
-def gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=None, scale: float | None = None):
-    """The step loop, one token at a time. Returns (o [B, T, H, V], final state [B, H, V, K])."""
-    B, T, H, K, V = check_gated_delta_rule_args(q, k, v, g, beta, initial_state)
-    scale = K ** -0.5 if scale is None else scale
-    S = _start_state(initial_state, B, H, V, K, q)                     # [B, H, V, K]
-    outputs = []
-    for t in range(T):
-        alpha = g[:, t].exp()[..., None, None]                         # [B, H, 1, 1]
-        k_t, v_t = k[:, t], v[:, t]                                    # [B, H, K], [B, H, V]
-        recalled = alpha[..., 0] * torch.einsum("bhvk,bhk->bhv", S, k_t)  # [B, H, V] what memory says for k_t
-        delta = beta[:, t, :, None] * (v_t - recalled)                 # [B, H, V] a beta-step towards v_t
-        S = alpha * S + delta[..., :, None] * k_t[..., None, :]         # [B, H, V, K]
-        outputs.append(torch.einsum("bhvk,bhk->bhv", S, q[:, t] * scale))  # [B, H, V]
-    return torch.stack(outputs, dim=1), S                              # [B, T, H, V], [B, H, V, K]
-
-
-def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, scale: float | None = None,
-                             chunk_size: int = 64):
-    """The same function, C tokens at a time. Returns (o [B, T, H, V], final state [B, H, V, K]).
-
-    Inside a chunk, with gamma_t the running sum of g from the chunk's start and S_0
-    the state entering it, unrolling the recurrence gives (rows = positions):
-
-        u_t := beta_t (v_t - alpha_t S_{t-1} k_t)                   the value actually written at t
-        (I + A) U = beta*V - (beta*exp(gamma)*K) S_0^T,             A_ts = beta_t exp(gamma_t - gamma_s) k_t.k_s, s < t
-        O   = (exp(gamma)*Q) S_0^T + (Q K^T  o  M) U,               M_ts = exp(gamma_t - gamma_s), s <= t
-        S_C = exp(gamma_C) S_0 + U^T (exp(gamma_C - gamma) * K)
-
-    I + A is unit lower-triangular, so U comes from one triangular solve instead of C steps.
-    """
-    B, T, H, K, V = check_gated_delta_rule_args(q, k, v, g, beta, initial_state)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"gated_delta_rule_chunked: chunk_size must be a positive int, got {chunk_size!r}")
-    if q.dtype in (torch.float16, torch.bfloat16):
-        # the triangular solve has no half-precision kernel: compute in fp32, return in the inputs' dtype
-        upcast = [t.float() for t in (q, k, v, g, beta)]
-        o, S = gated_delta_rule_chunked(*upcast, None if initial_state is None else initial_state.float(), scale, chunk_size)
-        return o.to(q.dtype), S.to(q.dtype)
-    scale = K ** -0.5 if scale is None else scale
-    C = chunk_size
-    n_chunks = math.ceil(T / C)
-    pad = n_chunks * C - T  # padded steps have beta = 0 and g = 0: they leave the state alone
-
-    def chunks(x):  # [B, T, H, ...] -> [B, H, n_chunks, C, ...]
-        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, 0, 0, pad))
-        x = x.transpose(1, 2)                                          # [B, H, T', ...]
-        return x.reshape(B, H, n_chunks, C, *x.shape[3:])
-
-    qc, kc, vc = chunks(q * scale), chunks(k), chunks(v)               # [B, H, N, C, K|V]
-    gamma = chunks(g).cumsum(dim=-1)                                   # [B, H, N, C] log decay from chunk start
-    bc = chunks(beta)                                                  # [B, H, N, C]
-
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()          # s <= t
-    strict = causal.clone().fill_diagonal_(False)                                # s < t
-    decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [B, H, N, C, C] M_ts
-    A = (bc[..., :, None] * (kc @ kc.transpose(-1, -2)) * decay).masked_fill(~strict, 0.0)
-    unit_lower = A + torch.eye(C, dtype=q.dtype, device=q.device)                # I + A
-    # Everything of U that does not depend on S_0, and the part that multiplies it:
-    u = torch.linalg.solve_triangular(unit_lower, bc[..., None] * vc, upper=False, unitriangular=True)   # [.., C, V]
-    w = torch.linalg.solve_triangular(unit_lower, (bc * gamma.exp())[..., None] * kc, upper=False,
-                                      unitriangular=True)                                                  # [.., C, K]
-    intra = (qc @ kc.transpose(-1, -2)) * decay                        # [B, H, N, C, C] lower-triangular scores
-
-    S = _start_state(initial_state, B, H, V, K, q)                     # [B, H, V, K]
-    outputs = []
-    for n in range(n_chunks):
-        U = u[:, :, n] - w[:, :, n] @ S.transpose(-1, -2)              # [B, H, C, V] values written in chunk n
-        o = (gamma[:, :, n, :, None].exp() * qc[:, :, n]) @ S.transpose(-1, -2) + intra[:, :, n] @ U  # [B, H, C, V]
-        outputs.append(o)
-        to_end = (gamma[:, :, n, -1:] - gamma[:, :, n]).exp()          # [B, H, C] decay from t to the chunk's end
-        S = gamma[:, :, n, -1, None, None].exp() * S + U.transpose(-1, -2) @ (to_end[..., None] * kc[:, :, n])
-    o = torch.cat(outputs, dim=2)[:, :, :T]                            # [B, H, T, V]
-    return o.transpose(1, 2), S                                        # [B, T, H, V], [B, H, V, K]
-
-
-def gated_delta_rule(q, k, v, g, beta, initial_state=None, scale: float | None = None):
-    """The op models call: the chunked form (chunk 64). Returns (o [B, T, H, V], final state [B, H, V, K])."""
-    return gated_delta_rule_chunked(q, k, v, g, beta, initial_state, scale, chunk_size=64)
 
 
 # ----------------------------------------------------------------------------
@@ -226,7 +88,7 @@ class GatedDeltaNet(nn.Module):
         beta = torch.sigmoid(self.beta_proj(x))                                  # [B, T, H]
         g = -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)        # [B, T, H], <= 0
         S0 = state.S if state is not None else None
-        o, S = gated_delta_rule(q, k, v, g, beta, S0)                            # [B, T, H, V], [B, H, V, K]
+        o, S = ops.gated_delta_rule(q, k, v, g, beta, S0)                            # [B, T, H, V], [B, H, V, K]
         if state is not None:
             state.S = S
         o = self.out_norm(o) * F.silu(self.gate_proj(x)).view(B, T, H, V)       # [B, T, H, V]

@@ -6,26 +6,9 @@ The write-up (mghbot/geometric-intellgence-10m-model) replaces a fixed weight W 
 
 with theta a 1,024-dimensional coordinate, c_i one of M = 64 fixed "wavelet" directions and each
 U_i V_i^T, P_i Q_i^T of rank r = 12. Different theta, different weights, from one set of parameters.
+The product with W_eff, never materialised, is the op `refimpl.ops.modulated_linear`.
 
-The op every modulated projection calls is `modulated_linear`. It never builds W_eff: with the
-coefficients a_i = cos(theta . c_i) and b_i = sin(theta . c_i) of each row's coordinate,
-
-    y = x W_eff^T = x W_base^T + sum_i a_i (x V_i) U_i^T + sum_i b_i (x Q_i) P_i^T
-
-costs O(in out + M r (in + out)) per row instead of O(M r in out) to materialise W_eff, and each
-row (token) may have its own theta. `modulated_linear_materialised` builds W_eff per row (the
-obviously right, slow form the tests compare with); kernels replace `modulated_linear`.
-
-Glossary
-    N rows (tokens)   I in features   O out features   M wavelet pairs   r rank
-    x       [N, I]        inputs
-    weight  [O, I]        W_base (nn.Linear's layout)
-    U, P    [M, O, r]     left factors of the cos and sin terms
-    V, Q    [M, I, r]     right factors
-    cos, sin [N, M]       each row's coefficients cos(theta . c_i), sin(theta . c_i)
-    y       [N, O]
-
-The rest of the file builds the model around it:
+This file builds the model around it:
     GeometricConfig / GEOMETRIC_PRESETS   `tiny`, `small`, `paper` (10 x 448, GQA 16/4, theta of 1,024, 64 x rank 12),
                                           `ten_million` (a model that really has 10M parameters)
     ModulatedLinear, GeometricBlock       a Llama block whose chosen projections are modulated
@@ -42,67 +25,17 @@ interactive explorer is `book.views.CoordinateExplorer`.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-
-def check_modulated_linear_args(x, weight, U, V, P, Q, cos, sin):
-    """Validate `modulated_linear`'s arguments; return (N, I, O, M, r)."""
-    named = (("x", x), ("weight", weight), ("U", U), ("V", V), ("P", P), ("Q", Q), ("cos", cos), ("sin", sin))
-    for name, t in named:
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"modulated_linear: {name} must be a floating-point tensor, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)}")
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"modulated_linear: need x [N, I] and weight [O, I], got {list(x.shape)} and {list(weight.shape)}")
-    N, I = x.shape
-    O = weight.shape[0]
-    if U.dim() != 3 or U.shape[1] != O:
-        raise ValueError(f"modulated_linear: U must be [M, O, r] with O = {O}, got {list(U.shape)}")
-    M, _, r = U.shape
-    expected = {"V": (M, I, r), "P": (M, O, r), "Q": (M, I, r), "cos": (N, M), "sin": (N, M)}
-    for name, t in named[3:]:
-        if tuple(t.shape) != expected[name]:
-            raise ValueError(f"modulated_linear: {name} must be {list(expected[name])} (M = {M}, r = {r}, N = {N}, "
-                             f"I = {I}, O = {O}), got {list(t.shape)}")
-    if min(N, I, O, M, r) < 1:
-        raise ValueError(f"modulated_linear: every size must be >= 1, got N={N}, I={I}, O={O}, M={M}, r={r}")
-    dtypes = {t.dtype for _, t in named}
-    if len(dtypes) > 1:
-        raise ValueError(f"modulated_linear: all arguments must share a dtype, got {sorted(map(str, dtypes))}")
-    return N, I, O, M, r
-
-
-def modulated_linear(x, weight, U, V, P, Q, cos, sin):
-    """y [N, O] = x W_eff^T, factored: x W_base^T + sum_i cos_i (x V_i) U_i^T + sin_i (x Q_i) P_i^T."""
-    check_modulated_linear_args(x, weight, U, V, P, Q, cos, sin)
-    xv = torch.einsum("ni,mir->nmr", x, V) * cos[:, :, None]                   # [N, M, r] a_i (x V_i)
-    xq = torch.einsum("ni,mir->nmr", x, Q) * sin[:, :, None]                   # [N, M, r] b_i (x Q_i)
-    return x @ weight.T + torch.einsum("nmr,mor->no", xv, U) + torch.einsum("nmr,mor->no", xq, P)
-
-
-def modulated_linear_materialised(x, weight, U, V, P, Q, cos, sin):
-    """The same product with W_eff built for every row: [N, O, I] in memory. For tests and the chapter's timing."""
-    check_modulated_linear_args(x, weight, U, V, P, Q, cos, sin)
-    UV = torch.einsum("mor,mir->moi", U, V)                                    # [M, O, I] U_i V_i^T
-    PQ = torch.einsum("mor,mir->moi", P, Q)                                    # [M, O, I] P_i Q_i^T
-    W_eff = weight + torch.einsum("nm,moi->noi", cos, UV) + torch.einsum("nm,moi->noi", sin, PQ)  # [N, O, I]
-    return torch.einsum("noi,ni->no", W_eff, x)
-
-
-# ----------------------------------------------------------------------------
-# The modulated layers and the model
-# ----------------------------------------------------------------------------
-
-import math  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from refimpl import ops  # noqa: E402
-from refimpl.blocks import (RMSNorm, apply_rope, check_targets, check_token_ids, config_from_preset,  # noqa: E402
-                            count_parameters, init_lm_weights, rope_tables)
-from refimpl.config import check_fields, flag, instance, number, whole  # noqa: E402
+from refimpl import ops
+from refimpl.blocks import (RMSNorm, apply_rope, check_targets, check_token_ids, config_from_preset, count_parameters,
+                            init_lm_weights, rope_tables)
+from refimpl.config import check_fields, flag, instance, number, whole
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -184,7 +117,7 @@ class ModulatedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = modulated_linear(x.reshape(-1, x.shape[-1]), self.weight, self.U, self.V, self.P, self.Q,
+        y = ops.modulated_linear(x.reshape(-1, x.shape[-1]), self.weight, self.U, self.V, self.P, self.Q,
                              cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1]))
         return y.view(*lead, -1)
 

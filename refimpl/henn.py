@@ -40,13 +40,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from refimpl import quant
+from refimpl import ops, quant
 from refimpl.blocks import (GroupedQueryAttention, KVCache, RMSNorm, SwiGLU, check_targets, check_token_ids,
                             config_from_preset, count_parameters, init_lm_weights)
 from refimpl.config import check_fields, choice, flag, number, whole
 from refimpl.gated_deltanet import GatedDeltaNet, GatedDeltaNetState
 from refimpl.io import read_tensors, write_tensors
-from refimpl.mamba3 import Mamba3Layer, Mamba3ScanState, Mamba3State
+from refimpl.mamba3 import Mamba3Layer, Mamba3State
 
 BACKBONES = ("mamba3", "gdn")
 
@@ -221,7 +221,7 @@ def detach_states(states: list[HENNState]) -> None:
     for s in states:
         m = s.mixer
         if isinstance(m, Mamba3State) and m.scan is not None:
-            m.scan = Mamba3ScanState(*(t.detach() if t is not None else None for t in m.scan))
+            m.scan = ops.Mamba3ScanState(*(t.detach() if t is not None else None for t in m.scan))
         elif isinstance(m, GatedDeltaNetState):
             m.S = m.S.detach() if m.S is not None else None
             m.conv = m.conv.detach() if m.conv is not None else None
@@ -353,7 +353,7 @@ def load_states(path, model: HENNLM, device=None) -> list[HENNState]:
         get = {name.split(".", 1)[1]: t.to(device) for name, t in tensors.items() if name.split(".")[0] == str(i)}
         m = s.mixer
         if isinstance(m, Mamba3State):
-            m.scan = Mamba3ScanState(**{f: get.get(f) for f in Mamba3ScanState._fields}) if get else None
+            m.scan = ops.Mamba3ScanState(**{f: get.get(f) for f in ops.Mamba3ScanState._fields}) if get else None
         elif isinstance(m, GatedDeltaNetState):
             m.S, m.conv = get.get("S"), get.get("conv")
         else:
@@ -431,8 +431,9 @@ def bigram_embeddings(model: HENNLM, data: torch.Tensor, std: float = 0.02) -> t
 # The artifact: code bytes + the compressed, quantised model
 # ----------------------------------------------------------------------------
 
-CODE_FILES = ("refimpl/henn.py", "refimpl/mamba3.py", "refimpl/gated_deltanet.py", "refimpl/blocks.py",
-              "refimpl/ops.py", "refimpl/quant.py", "refimpl/io.py")   # what running the artifact needs
+#: what running the artifact imports: these files, and every .py file in a folder named here
+CODE_FILES = ("refimpl/__init__.py", "refimpl/henn.py", "refimpl/mamba3.py", "refimpl/gated_deltanet.py",
+              "refimpl/blocks.py", "refimpl/config.py", "refimpl/quant.py", "refimpl/io.py", "refimpl/ops")
 ARTIFACT_LIMIT = 16_000_000      # the challenge's cap, bytes: code plus compressed model
 ARTIFACT_BITS = (4, 6, 8, 32)    # 32: float32, unquantised
 
@@ -455,7 +456,7 @@ def _quantised_tensors(model: nn.Module, bits: int, packed: bool) -> dict[str, t
             tensors[name] = p
             continue
         q, scale = quant.quantize_per_row(p, bits)
-        tensors[f"{name}:q{bits}"] = quant.pack_bits(q, bits) if packed and bits < 8 else q
+        tensors[f"{name}:q{bits}"] = ops.pack_bits(q, bits) if packed and bits < 8 else q
         tensors[f"{name}:scale"] = scale
     return tensors
 
@@ -488,7 +489,9 @@ def quantization_aware(forward_backward, bits: int):
 def code_bytes(root: str | Path | None = None) -> int:
     """Bytes of the source files the artifact needs to run (counted raw, as the challenge counts code)."""
     root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
-    return sum((root / f).stat().st_size for f in CODE_FILES)
+    files = [path for f in CODE_FILES
+             for path in (sorted((root / f).glob("*.py")) if (root / f).is_dir() else [root / f])]
+    return sum(path.stat().st_size for path in files)
 
 
 def write_artifact(path, model: HENNLM, bits: int, packed: bool = True) -> dict:
@@ -517,7 +520,7 @@ def read_artifact(path) -> HENNLM:
             state[name] = tensors[name]
         elif f"{name}:scale" in tensors:
             q, scale = tensors[f"{name}:q{bits}"], tensors[f"{name}:scale"]
-            state[name] = (quant.dequantize_packed(q, scale, p.shape[1], bits) if q.dtype == torch.uint8
+            state[name] = (ops.dequantize_packed(q, scale, p.shape[1], bits) if q.dtype == torch.uint8
                            else quant.dequantize_per_row(q, scale))
         elif name == "unembed.weight" and cfg.tie_embeddings:
             continue                                                                # filled in below
@@ -542,7 +545,7 @@ def artifact_budget(cfg: HENNConfig, bits: int) -> dict:
             payload += 4 * p.numel()
         else:
             rows, cols = p.shape
-            payload += rows * (quant.packed_length(cols, bits) if bits < 8 else cols) + 4 * rows  # values + scales
+            payload += rows * (ops.packed_length(cols, bits) if bits < 8 else cols) + 4 * rows  # values + scales
     parameters = henn_parameter_count(cfg)["total"]
     return {"bits": bits, "parameters": parameters, "payload_bytes": payload, "code_bytes": code_bytes(),
             "total_bytes": payload + code_bytes(), "bits_per_parameter": 8 * payload / parameters}

@@ -12,7 +12,7 @@ One grid update (`SintellixGrid.step`), for the state S [B, N, d] of the N = X Y
 
     h       = RMSNorm(S)
     local   = W_o  neighbourhood_attention(W_q h, W_k h, W_v h)      the 26 neighbours and itself (radius 1),
-                                                                     no wrap-around (refimpl.grid_attention)
+                                                                     no wrap-around (refimpl.ops.neighbourhood_attention)
     global  = g_n * W_go attention(W_gq h, W_gk h[sample], W_gv h[sample])   256 neurons drawn uniformly with a
                                                                      fixed seed per step; g_n a learned weight
                                                                      per neuron
@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from refimpl import grid_attention
+from refimpl import ops
 from refimpl.blocks import RMSNorm, config_from_preset, count_parameters
 from refimpl.config import check_fields, flag, instance, whole
 
@@ -240,7 +240,7 @@ class SintellixGrid(nn.Module):
         delta = torch.zeros_like(S)
         if cfg.neighbour_attention:
             q, k, v = (t.reshape(B, X, Y, Z, H, D) for t in self.local_qkv(h).chunk(3, dim=-1))
-            local = grid_attention.neighbourhood_attention(q, k, v, cfg.radius)          # [B, X, Y, Z, H, D]
+            local = ops.neighbourhood_attention(q, k, v, cfg.radius)          # [B, X, Y, Z, H, D]
             delta = delta + self.local_out(local.reshape(B, N, d))
         if cfg.global_aggregation:
             sample = self.global_sample(step, S.device)
@@ -419,23 +419,22 @@ def offload_neuron_weights(model: SintellixGrid, store, slabs: int, prefetch: bo
 def stored_adam_step(store, keys: list[str], resident: list[torch.nn.Parameter], resident_states: dict, step: int,
                      lr: float, max_norm: float | None = 1.0, betas=(0.9, 0.999), eps: float = 1e-8) -> float:
     """One Adam step with global gradient clipping over the stored blocks and the resident parameters
-    (those still in the model), through the op `refimpl.optim.adam_clip_step`, block by block.
+    (those still in the model), through the op `refimpl.ops.adam_clip_step`, block by block.
 
     The global norm needs every gradient before any update: a first pass reads each block's grad (one
     more sweep through the store), then each block is updated with its grad pre-scaled by the clip
     coefficient (so the op itself clips nothing) and its grad zeroed. Returns the norm before clipping."""
-    from refimpl import optim
     squares = sum(float(store.get(k)["grad"].double().square().sum()) for k in keys)
     squares += sum(float(p.grad.double().square().sum()) for p in resident if p.grad is not None)
     norm = squares ** 0.5
-    coef = min(1.0, max_norm / (norm + optim.CLIP_EPS)) if max_norm is not None else 1.0
+    coef = min(1.0, max_norm / (norm + ops.CLIP_EPS)) if max_norm is not None else 1.0
     hyper = dict(step=step, lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=0.0, max_norm=None)
     for key in keys:
         block = store.get(key, for_write=True)
         if coef != 1.0:
             block["grad"].mul_(coef)
-        optim.adam_clip_step(block["param"].view(-1), block["grad"].view(-1), block["exp_avg"].view(-1),
-                             block["exp_avg_sq"].view(-1), **hyper)
+        ops.adam_clip_step(block["param"].view(-1), block["grad"].view(-1), block["exp_avg"].view(-1),
+                           block["exp_avg_sq"].view(-1), **hyper)
         block["grad"].zero_()
     for p in resident:
         if p.grad is None:
@@ -443,7 +442,7 @@ def stored_adam_step(store, keys: list[str], resident: list[torch.nn.Parameter],
         state = resident_states.setdefault(p, (torch.zeros_like(p).view(-1), torch.zeros_like(p).view(-1)))
         g = (p.grad * coef).contiguous().view(-1)
         with torch.no_grad():
-            optim.adam_clip_step(p.data.view(-1), g, state[0], state[1], **hyper)
+            ops.adam_clip_step(p.data.view(-1), g, state[0], state[1], **hyper)
         p.grad = None
     return norm
 

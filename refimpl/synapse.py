@@ -1,40 +1,16 @@
-"""TITAN Synapse (seed 004): the modules of the Synapse layer.
+"""TITAN Synapse (seed 004): the modules of the Synapse layer, the layer, and the model.
 
 The write-up's layer: RMSNorm -> xLSTM (mLSTM) -> residual; RMSNorm -> Thalamus router -> experts
--> residual; RMSNorm -> fast-weight memory -> residual. This file holds, so far, the mLSTM, the
-fast-weight memory, the Hebbian pathway table and the Thalamus router (a `refimpl.ssm.MambaLayer`
-feeding a linear router; the experts are `refimpl.blocks.ExpertPool`). The layer, the model and its
-parameter arithmetic come next.
+-> residual; RMSNorm -> fast-weight memory -> residual. This file holds the mLSTM layer, the
+fast-weight memory layer, the Hebbian pathway table (SQLite), the Thalamus router (a
+`refimpl.ssm.MambaLayer` feeding a linear router; the experts are `refimpl.blocks.ExpertPool`), the
+layer, the model and its parameter arithmetic.
 
-Paper: Beck et al. 2024, "xLSTM: Extended Long Short-Term Memory", arXiv:2405.04517 (section 2.3,
-the mLSTM, and appendix: its parallel form and the max-state stabiliser).
+The two recurrences are ops, each in its own file with its equations: `refimpl.ops.mlstm` (xLSTM's
+matrix memory, Beck et al. 2024, arXiv:2405.04517) and `refimpl.ops.fast_weight_memory`.
 
-The mLSTM, per head, with exponential input and forget gates i_t = exp(i~_t), f_t = exp(f~_t):
-
-    C_t = f_t C_{t-1} + i_t v_t k_t^T            matrix memory            [Dv, Dk]
-    n_t = f_t n_{t-1} + i_t k_t                  normaliser               [Dk]
-    h_t = C_t q_t / max(|n_t . q_t|, 1)          normalised read          [Dv]
-    (keys are scaled by 1/sqrt(Dk), as in the paper)
-
-As the write-up gives it, the products of exp(f~) grow without bound: with its forget-gate bias
-of 1, C_t ~ e^t, and float32 overflows near t = 88 (the public code's trainer uses 2048 tokens).
-The paper's stabiliser carries a running log-scale m_t and stores C and n divided by e^{m_t}:
-
-    m_t  = max(f~_t + m_{t-1}, i~_t)
-    i'_t = exp(i~_t - m_t),   f'_t = exp(f~_t + m_{t-1} - m_t)          (both <= 1)
-    C'_t = f'_t C'_{t-1} + i'_t v_t k_t^T,   n'_t = f'_t n'_{t-1} + i'_t k_t
-    h_t  = C'_t q_t / max(|n'_t . q_t|, exp(-m_t))
-
-which is the same function (C' = C e^{-m}, n' = n e^{-m}, and the max rescales with them) while
-every stored number stays bounded.
-
-Glossary
-    B batch   T tokens   H heads   Dk key/query head dim   Dv value head dim
-    q, k [B, T, H, Dk], v [B, T, H, Dv], i_pre, f_pre [B, T, H] (the gate pre-activations i~, f~)
-    state: (C [B, H, Dv, Dk], n [B, H, Dk], m [B, H])
-
-Does not include: the sLSTM, the xLSTM paper's group norm and up/down projection blocks (the
-write-up's module has none), or anything fast: see kernels/ for that.
+Does not include: the sLSTM or the xLSTM paper's block structure (the write-up's module has neither),
+or anything fast: see kernels/.
 """
 
 from __future__ import annotations
@@ -50,101 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from refimpl import ops
 from refimpl.blocks import (ExpertPool, RMSNorm, check_targets, check_token_ids, config_from_preset, count_parameters,
                             init_lm_weights, load_balancing_loss)
 from refimpl.config import check_fields, choice, flag, number, whole
 from refimpl.ssm import MambaLayer, MambaState
-
-
-def check_mlstm_args(q, k, v, i_pre, f_pre, initial_state):
-    """Validate the mLSTM's arguments; return (B, T, H, Dk, Dv)."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("i_pre", i_pre), ("f_pre", f_pre)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"mlstm: {name} must be a floating-point tensor")
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"mlstm: q and k must both be [B, T, H, Dk], got {list(q.shape)} and {list(k.shape)}")
-    B, T, H, Dk = q.shape
-    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H):
-        raise ValueError(f"mlstm: v must be [B, T, H, Dv] = [{B}, {T}, {H}, Dv], got {list(v.shape)}")
-    for name, t in (("i_pre", i_pre), ("f_pre", f_pre)):
-        if tuple(t.shape) != (B, T, H):
-            raise ValueError(f"mlstm: {name} must be [B, T, H] = [{B}, {T}, {H}], got {list(t.shape)}")
-    Dv = v.shape[3]
-    if min(B, T, H, Dk, Dv) < 1:
-        raise ValueError("mlstm: every size must be >= 1")
-    if initial_state is not None:
-        C, n, m = initial_state
-        if tuple(C.shape) != (B, H, Dv, Dk) or tuple(n.shape) != (B, H, Dk) or tuple(m.shape) != (B, H):
-            raise ValueError(f"mlstm: initial_state must be (C [B, H, Dv, Dk], n [B, H, Dk], m [B, H]) = "
-                             f"([{B}, {H}, {Dv}, {Dk}], [{B}, {H}, {Dk}], [{B}, {H}])")
-    return B, T, H, Dk, Dv
-
-
-def mlstm_recurrent(q, k, v, i_pre, f_pre, initial_state=None, stabilised: bool = True,
-                    gate_clamp: float | None = None):
-    """The step loop (ground truth). Returns (h [B, T, H, Dv], state (C, n, m)).
-
-    stabilised=False is the write-up's form (no m_t); its state's m stays 0. `gate_clamp`
-    clamps both pre-activations to [-gate_clamp, gate_clamp] first, as the write-up does with 20.
-    """
-    B, T, H, Dk, Dv = check_mlstm_args(q, k, v, i_pre, f_pre, initial_state)
-    if gate_clamp is not None:
-        i_pre, f_pre = i_pre.clamp(-gate_clamp, gate_clamp), f_pre.clamp(-gate_clamp, gate_clamp)
-    if initial_state is None:
-        C, n, m = q.new_zeros(B, H, Dv, Dk), q.new_zeros(B, H, Dk), q.new_zeros(B, H)
-    else:
-        C, n, m = initial_state
-    k = k / math.sqrt(Dk)
-    hs = []
-    for t in range(T):
-        if stabilised:
-            m_new = torch.maximum(f_pre[:, t] + m, i_pre[:, t])                       # [B, H]
-            i_gate = torch.exp(i_pre[:, t] - m_new)
-            f_gate = torch.exp(f_pre[:, t] + m - m_new)
-            floor = torch.exp(-m_new)                                                 # the max(., 1) in units of e^{-m}
-            m = m_new
-        else:
-            i_gate, f_gate = torch.exp(i_pre[:, t]), torch.exp(f_pre[:, t])
-            floor = torch.ones_like(i_gate)
-        C = f_gate[..., None, None] * C + i_gate[..., None, None] * v[:, t, :, :, None] * k[:, t, :, None, :]
-        n = f_gate[..., None] * n + i_gate[..., None] * k[:, t]                       # [B, H, Dk]
-        read = torch.einsum("bhvk,bhk->bhv", C, q[:, t])                              # [B, H, Dv]
-        denominator = torch.maximum((n * q[:, t]).sum(-1).abs(), floor)               # [B, H]
-        hs.append(read / denominator[..., None])
-    return torch.stack(hs, dim=1), (C, n, m)
-
-
-def mlstm_parallel(q, k, v, i_pre, f_pre, return_state: bool = False):
-    """All T outputs at once from a zero state (the xLSTM paper's parallel form). Returns h [B, T, H, Dv],
-    or with `return_state` (h, (C, n, m)): the final state exactly as the step loop leaves it.
-
-    log D_ts = sum_{r=s+1..t} f~_r + i~_s for s <= t: the log-weight of key s in the memory at time t.
-    Each row is shifted by its max m_t (the stabiliser again), so
-        h_t = sum_s (q_t . k_s) e^{log D_ts - m_t} v_s / max(|sum_s (q_t . k_s) e^{log D_ts - m_t}|, e^{-m_t}).
-    Memory is O(T^2) per head: this form is for checking and short sequences.
-    """
-    B, T, H, Dk, Dv = check_mlstm_args(q, k, v, i_pre, f_pre, None)
-    F_cum = f_pre.transpose(1, 2).cumsum(dim=-1)                                      # [B, H, T]
-    log_D = F_cum[..., :, None] - F_cum[..., None, :] + i_pre.transpose(1, 2)[..., None, :]  # [B, H, T(t), T(s)]
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    log_D = log_D.masked_fill(~causal, float("-inf"))
-    m = log_D.amax(dim=-1, keepdim=True)                                              # [B, H, T, 1]
-    scores = torch.einsum("bthk,bshk->bhts", q, k / math.sqrt(Dk)) * torch.exp(log_D - m)  # [B, H, T, T]
-    denominator = torch.maximum(scores.sum(-1, keepdim=True).abs(), torch.exp(-m))
-    h = torch.einsum("bhts,bshv->bthv", scores / denominator, v)                     # [B, T, H, Dv]
-    if not return_state:
-        return h
-    # The step loop's final m also holds the path from its starting m_0 = 0: m_T = max(F_T, max_s log D_Ts).
-    m_final = torch.maximum(F_cum[..., -1], m[..., -1, 0])                            # [B, H]
-    weight = torch.exp(log_D[..., -1, :] - m_final[..., None])                        # [B, H, T(s)]
-    C = torch.einsum("bhs,bshv,bshk->bhvk", weight, v, k / math.sqrt(Dk))             # [B, H, Dv, Dk]
-    n = torch.einsum("bhs,bshk->bhk", weight, k / math.sqrt(Dk))                      # [B, H, Dk]
-    return h, (C, n, m_final)
-
-
-def mlstm(q, k, v, i_pre, f_pre, initial_state=None):
-    """The op models call: the stabilised step loop. Returns (h [B, T, H, Dv], state (C, n, m))."""
-    return mlstm_recurrent(q, k, v, i_pre, f_pre, initial_state, stabilised=True)
 
 
 FORGET_GATES = {"exp": 1.0, "sigmoid": 3.0}  # forget gate -> the initial bias of its pre-activation
@@ -190,11 +76,11 @@ class MLSTMLayer(nn.Module):
             f_pre = F.logsigmoid(f_pre)                                               # log f_t, < 0
         start = state[0] if state else None
         if self.stabilised and start is None:
-            h, new_state = mlstm_parallel(q, k, v, i_pre, f_pre, return_state=True)   # training: T^2 but ~17x faster
+            h, new_state = ops.mlstm_parallel(q, k, v, i_pre, f_pre, return_state=True)   # training: T^2 but ~17x faster
         elif self.stabilised:
-            h, new_state = mlstm(q, k, v, i_pre, f_pre, start)                        # the op a kernel may replace
+            h, new_state = ops.mlstm(q, k, v, i_pre, f_pre, start)                        # the op a kernel may replace
         else:
-            h, new_state = mlstm_recurrent(q, k, v, i_pre, f_pre, start, stabilised=False, gate_clamp=20.0)
+            h, new_state = ops.mlstm_recurrent(q, k, v, i_pre, f_pre, start, stabilised=False, gate_clamp=20.0)
         if state is not None:
             state[:] = [new_state]
         self.last_introspection = {"input_gate_pre": i_pre.detach(), "log_forget_gate": f_pre.detach(),
@@ -214,57 +100,6 @@ class MLSTMLayer(nn.Module):
 # Unrolled: r_t = decay^t W_0^T q_t + sum_{s<t} decay^(t-1-s) a_s (k_s . q_t) v_s, with a_s = strength * sigmoid(gate_s).
 # Unlike the public code (notes/public-code.md), nothing is detached: gradients reach the key, value and
 # gate projections, and every batch element has its own W.
-
-def check_fast_weight_args(q, k, v, gate, initial_state):
-    """Validate the fast-weight memory's arguments; return (B, T, H, Dk, Dv)."""
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"fast_weight_memory: q and k must both be [B, T, H, Dk], got {list(q.shape)} and {list(k.shape)}")
-    B, T, H, Dk = q.shape
-    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H):
-        raise ValueError(f"fast_weight_memory: v must be [B, T, H, Dv] = [{B}, {T}, {H}, Dv], got {list(v.shape)}")
-    if tuple(gate.shape) != (B, T, H):
-        raise ValueError(f"fast_weight_memory: gate must be [B, T, H] = [{B}, {T}, {H}], got {list(gate.shape)}")
-    Dv = v.shape[3]
-    if initial_state is not None and tuple(initial_state.shape) != (B, H, Dk, Dv):
-        raise ValueError(f"fast_weight_memory: initial_state must be [B, H, Dk, Dv] = [{B}, {H}, {Dk}, {Dv}]")
-    return B, T, H, Dk, Dv
-
-
-def fast_weight_memory_recurrent(q, k, v, gate, decay: float = 0.95, strength: float = 0.1, initial_state=None):
-    """The step loop. q, k [B, T, H, Dk], v [B, T, H, Dv], gate [B, T, H] (pre-sigmoid)
-    -> (reads r [B, T, H, Dv], final W [B, H, Dk, Dv])."""
-    B, T, H, Dk, Dv = check_fast_weight_args(q, k, v, gate, initial_state)
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"fast_weight_memory: decay must be in [0, 1], got {decay}")
-    W = initial_state if initial_state is not None else q.new_zeros(B, H, Dk, Dv)
-    reads = []
-    for t in range(T):
-        reads.append(torch.einsum("bhkv,bhk->bhv", W, q[:, t]))                      # read before writing
-        a = strength * torch.sigmoid(gate[:, t])                                      # [B, H]
-        W = decay * W + a[..., None, None] * k[:, t, :, :, None] * v[:, t, :, None, :]
-    return torch.stack(reads, dim=1), W
-
-
-def fast_weight_memory_parallel(q, k, v, gate, decay: float = 0.95, strength: float = 0.1, initial_state=None):
-    """All reads at once: r = (M o Q K^T)(a V) + decay^t Q W_0, M_ts = decay^(t-1-s) for s < t. Same returns."""
-    B, T, H, Dk, Dv = check_fast_weight_args(q, k, v, gate, initial_state)
-    t = torch.arange(T, device=q.device, dtype=q.dtype)
-    power = (t[:, None] - 1 - t[None, :])                                             # t - 1 - s
-    strictly_past = power >= 0
-    M = torch.where(strictly_past, decay ** power.clamp_min(0), torch.zeros_like(power))  # [T, T]
-    a = strength * torch.sigmoid(gate)                                                # [B, T, H]
-    scores = torch.einsum("bthk,bshk->bhts", q, k) * M                                # [B, H, T, T]
-    reads = torch.einsum("bhts,bshv->bthv", scores, a[..., None] * v)                 # [B, T, H, Dv]
-    W = torch.einsum("s,bshk,bshv->bhkv", decay ** (T - 1 - t), k * a[..., None], v)  # [B, H, Dk, Dv]
-    if initial_state is not None:
-        reads = reads + (decay ** t)[None, :, None, None] * torch.einsum("bhkv,bthk->bthv", initial_state, q)
-        W = W + decay ** T * initial_state
-    return reads, W
-
-
-def fast_weight_memory(q, k, v, gate, decay: float = 0.95, strength: float = 0.1, initial_state=None):
-    """The op models call: the step loop. Returns (reads [B, T, H, Dv], final W [B, H, Dk, Dv])."""
-    return fast_weight_memory_recurrent(q, k, v, gate, decay, strength, initial_state)
 
 
 class FastWeightMemory(nn.Module):
@@ -289,9 +124,9 @@ class FastWeightMemory(nn.Module):
         q, k, v = (t.view(B, T, H, D) for t in self.qkv(x).chunk(3, dim=-1))        # [B, T, H, D] each
         gate = self.gate(x)                                                           # [B, T, H]
         if state:                                                                     # carried memory: the step loop,
-            reads, W = fast_weight_memory(q, k, v, gate, self.decay, self.strength, state[0])  # which kernels replace
+            reads, W = ops.fast_weight_memory(q, k, v, gate, self.decay, self.strength, state[0])  # which kernels replace
         else:                                                                         # a fresh sequence: the parallel form
-            reads, W = fast_weight_memory_parallel(q, k, v, gate, self.decay, self.strength)
+            reads, W = ops.fast_weight_memory_parallel(q, k, v, gate, self.decay, self.strength)
         if state is not None:
             state[:] = [W]
         self.last_introspection = {"write_gate": torch.sigmoid(gate).detach(),                     # [B, T, H]

@@ -1,4 +1,4 @@
-"""Vector quantisation: the nearest-code op and the VQ-VAE / VQ-GAN quantiser built on it.
+"""Vector quantisation: the VQ-VAE / VQ-GAN quantiser built on the nearest-code op.
 
 Chapter 01 (seed 000, Sintellix, section 3.5) describes a VQ-GAN-style semantic codec: encoders map
 each modality into one shared space, a vector quantiser with an 8192-entry codebook snaps every
@@ -29,10 +29,9 @@ Two options from the literature, both here:
                    codebook does not collapse to the few codes the first batches happened to hit.
                    `usage()` and `perplexity()` measure how much of the codebook is in use.
 
-`vq_nearest` is the op a kernel may replace (kernels/vq_nearest.py): `VectorQuantizer` calls it as a
-module global looked up at each call, so `with kernels.use("numba"):` swaps it in. It checks its
-arguments first (`check_vq_nearest_args`, which the kernels reuse) and raises ValueError naming
-the shapes it expected.
+The nearest-code search is the op `refimpl.ops.vq_nearest` (a kernel may replace it:
+kernels/vq_nearest.py); `VectorQuantizer` calls it through `refimpl.ops`, so `with kernels.use("numba"):`
+swaps it in.
 
 Glossary
     N  vectors to quantise (every position of every batch row, flattened)
@@ -52,76 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-#: the expanded-form search scores at most this many (row, code) pairs at once: chunks of
-#: SEARCH_CHUNK_ELEMENTS // K rows, a [rows, K] score matrix of <= 64 MB in float32
-SEARCH_CHUNK_ELEMENTS = 2 ** 24
-
-
-def _fail(message: str) -> None:
-    raise ValueError(message)
-
-
-# ----------------------------------------------------------------------------
-# The nearest code (the op)
-# ----------------------------------------------------------------------------
-
-def check_vq_nearest_args(z, codebook) -> tuple[int, int, int]:
-    """Validate `vq_nearest`'s arguments; return (N, K, C)."""
-    for name, t, shape in (("z", z, "[N, C]"), ("codebook", codebook, "[K, C]")):
-        if not isinstance(t, torch.Tensor):
-            _fail(f"vq_nearest: {name} must be a torch.Tensor {shape}, got {type(t).__name__}")
-        if not t.is_floating_point():
-            _fail(f"vq_nearest: {name} must be a floating-point tensor {shape}, got {t.dtype}")
-    if z.dim() != 2 or z.shape[0] < 1 or z.shape[1] < 1:
-        _fail(f"vq_nearest: z must be [N, C] with N, C >= 1, got shape {list(z.shape)}")
-    N, C = z.shape
-    if codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] != C:
-        _fail(f"vq_nearest: codebook must be [K, C] = [K, {C}] with K >= 1, got shape {list(codebook.shape)}")
-    if codebook.dtype != z.dtype:
-        _fail(f"vq_nearest: codebook must have z's dtype {z.dtype}, got {codebook.dtype}")
-    if codebook.device != z.device:
-        _fail(f"vq_nearest: z and codebook must be on one device, got z on {z.device}, codebook on {codebook.device}")
-    return N, codebook.shape[0], C
-
-
-@torch.no_grad()
-def vq_nearest(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The nearest code to each row: z [N, C], codebook [K, C] ->
-    (indices [N] int64, distances [N] z.dtype, ||z_n - codebook[indices_n]||^2).
-
-    Nearest by squared Euclidean distance; exact ties go to the lowest index. No gradient: the
-    choice is an argmin, and the distances are returned detached (the op runs under no_grad).
-
-    The search scores every code with the expanded form, dropping ||z_n||^2, which is the same
-    for every code of a row and so cannot change its argmin:
-
-        ||z_n - c_k||^2 = ||z_n||^2 - 2 z_n . c_k + ||c_k||^2   ->   score_nk = ||c_k||^2 - 2 z_n . c_k
-
-    one matrix multiply per chunk of rows (chunks bound the [rows, K] score matrix to
-    SEARCH_CHUNK_ELEMENTS). The expanded form cancels: its rounding error is about the unit
-    roundoff times ||z||^2 + ||c||^2, not times the distance, so two codes whose distances differ by
-    less than that (a near-tie) may come out in either order. The returned distance is therefore
-    recomputed from the difference z_n - c_k of the chosen code, which is exact up to the rounding
-    of C squares and their sum. (The kernels compute every distance that way, so they agree with
-    this op exactly on the index except at such near-ties.) Half-precision inputs are promoted to
-    float32 for the arithmetic; the distances come back in z's dtype.
-    """
-    N, K, C = check_vq_nearest_args(z, codebook)
-    zf, cf = _at_least_fp32(z), _at_least_fp32(codebook)
-    code_sq = (cf * cf).sum(dim=1)                                       # [K]  ||c_k||^2
-    indices = torch.empty(N, dtype=torch.int64, device=z.device)
-    rows = max(1, SEARCH_CHUNK_ELEMENTS // K)
-    for start in range(0, N, rows):
-        scores = code_sq - 2.0 * (zf[start:start + rows] @ cf.T)         # [rows, K]
-        indices[start:start + rows] = scores.argmin(dim=1)              # the first minimum: ties -> lowest k
-    diff = zf - cf[indices]                                              # [N, C]
-    distances = (diff * diff).sum(dim=1)                                 # [N], from the difference: exact
-    return indices, distances.to(z.dtype)
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """Half-precision tensors are promoted for the arithmetic; fp32 and fp64 stay as they are."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+from refimpl import ops
+from refimpl.ops.contract import fail
 
 
 # ----------------------------------------------------------------------------
@@ -154,13 +85,13 @@ class VectorQuantizer(nn.Module):
                  eps: float = 1e-5, generator: torch.Generator | None = None):
         super().__init__()
         if num_codes < 1 or dim < 1:
-            _fail(f"VectorQuantizer: num_codes and dim must be >= 1, got {num_codes} and {dim}")
+            fail(f"VectorQuantizer: num_codes and dim must be >= 1, got {num_codes} and {dim}")
         if not beta >= 0:
-            _fail(f"VectorQuantizer: beta must be >= 0, got {beta}")
+            fail(f"VectorQuantizer: beta must be >= 0, got {beta}")
         if ema and not 0 < decay < 1:
-            _fail(f"VectorQuantizer: decay must be in (0, 1), got {decay}")
+            fail(f"VectorQuantizer: decay must be in (0, 1), got {decay}")
         if ema and not eps > 0:
-            _fail(f"VectorQuantizer: eps must be > 0, got {eps}")
+            fail(f"VectorQuantizer: eps must be > 0, got {eps}")
         self.num_codes, self.dim, self.beta = num_codes, dim, beta
         self.ema, self.decay, self.eps = ema, decay, eps
         init = torch.randn(num_codes, dim, generator=generator)          # [K, C]
@@ -180,12 +111,12 @@ class VectorQuantizer(nn.Module):
 
     def _check(self, z_e) -> None:
         if not isinstance(z_e, torch.Tensor) or not z_e.is_floating_point():
-            _fail(f"VectorQuantizer: z_e must be a floating-point tensor [..., {self.dim}], got "
+            fail(f"VectorQuantizer: z_e must be a floating-point tensor [..., {self.dim}], got "
                   f"{getattr(z_e, 'dtype', type(z_e).__name__)}")
         if z_e.dim() < 1 or z_e.shape[-1] != self.dim:
-            _fail(f"VectorQuantizer: z_e must be [..., C] with C = {self.dim}, got shape {list(z_e.shape)}")
+            fail(f"VectorQuantizer: z_e must be [..., C] with C = {self.dim}, got shape {list(z_e.shape)}")
         if z_e.dtype != self.codebook.dtype:
-            _fail(f"VectorQuantizer: z_e must have the codebook's dtype {self.codebook.dtype}, got {z_e.dtype} "
+            fail(f"VectorQuantizer: z_e must have the codebook's dtype {self.codebook.dtype}, got {z_e.dtype} "
                   "(convert one of them, e.g. with .to(dtype))")
 
     def forward(self, z_e: torch.Tensor) -> VQOutput:
@@ -193,9 +124,9 @@ class VectorQuantizer(nn.Module):
         self._check(z_e)
         flat = z_e.reshape(-1, self.dim)                                 # [N, C]
         with torch.no_grad():
-            # `vq_nearest` is looked up in this module's globals at each call: a kernel swapped in
+            # `ops.vq_nearest` is looked up in refimpl.ops at each call: a kernel swapped in
             # with kernels.use runs here. Detached inputs: the op has no gradient to give.
-            indices, _ = vq_nearest(flat.detach(), self.codebook.detach())   # [N]
+            indices, _ = ops.vq_nearest(flat.detach(), self.codebook.detach())   # [N]
         z_q = F.embedding(indices, self.codebook).view_as(z_e)         # the codes before any EMA update
         if self.training:
             with torch.no_grad():
@@ -226,10 +157,10 @@ class VectorQuantizer(nn.Module):
         """Decode: indices [...] (integers in [0, K)) -> the codes' vectors [..., C]."""
         if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex() \
                 or indices.dtype == torch.bool:
-            _fail(f"VectorQuantizer.lookup: indices must be an integer tensor, got "
+            fail(f"VectorQuantizer.lookup: indices must be an integer tensor, got "
                   f"{getattr(indices, 'dtype', type(indices).__name__)}")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_codes):
-            _fail(f"VectorQuantizer.lookup: indices must lie in [0, {self.num_codes}), got "
+            fail(f"VectorQuantizer.lookup: indices must lie in [0, {self.num_codes}), got "
                   f"[{int(indices.min())}, {int(indices.max())}]")
         return F.embedding(indices.long(), self.codebook)
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kernels.check import assert_close, parameters_without_gradient, random_tensor
-from refimpl.synapse import FastWeightMemory, fast_weight_memory_parallel, fast_weight_memory_recurrent
+from refimpl.synapse import FastWeightMemory
+from refimpl.ops import fast_weight_memory_parallel, fast_weight_memory_recurrent
 
 
 def _inputs(B=2, T=23, H=3, Dk=5, Dv=4, seed=0):

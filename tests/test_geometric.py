@@ -9,10 +9,8 @@ import math
 import pytest
 import torch
 
-from refimpl.geometric import (GeometricConfig, GeometricLM, ModulatedLinear, choose_token, coordinate_statistics,
-                               generate, geometric_parameter_count, interpolate, layer_energies, modulated_linear,
-                               modulated_linear_materialised, nucleus_sample, refine_coordinates, track_context,
-                               uncertainty)
+from refimpl.geometric import GeometricConfig, GeometricLM, ModulatedLinear, choose_token, coordinate_statistics, generate, geometric_parameter_count, interpolate, layer_energies, nucleus_sample, refine_coordinates, track_context, uncertainty
+from refimpl.ops import modulated_linear, modulated_linear_materialised
 
 
 def _op_inputs(N=5, I=7, O=9, M=3, r=2, seed=0):

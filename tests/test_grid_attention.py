@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refimpl.grid_attention import (check_neighbourhood_attention_args, neighbour_count, neighbourhood_attention,
-                                    neighbourhood_attention_dense, neighbourhood_mask)
+from refimpl.ops import check_neighbourhood_attention_args, neighbour_count, neighbourhood_attention, neighbourhood_attention_dense, neighbourhood_mask
 
 FP64 = dict(atol=1e-12, rtol=1e-10)
 

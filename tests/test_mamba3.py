@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels.check import assert_close, parameters_without_gradient, random_tensor
-from refimpl.mamba3 import (Mamba3Layer, Mamba3ScanState, Mamba3State, mamba3_scan, mamba3_scan_parallel,
-                            mamba3_scan_recurrent)
-from refimpl.ssm import selective_scan_recurrent
+from refimpl.mamba3 import Mamba3Layer, Mamba3State
+from refimpl.ops import Mamba3ScanState, mamba3_scan, mamba3_scan_parallel, mamba3_scan_recurrent
+from refimpl.ops import selective_scan_recurrent
 
 
 def _inputs(B=2, T=19, H=3, R=2, P=4, N=6, K=3, seed=0):

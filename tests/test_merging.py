@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refimpl.merging import average, elect_sign, task_arithmetic, ties_merge, ties_merge_as_written, trim
+from refimpl.ops import average, elect_sign, task_arithmetic, ties_merge, ties_merge_as_written, trim
 
 # Three task vectors over five parameters.
 TAU = torch.tensor([[ 4.0, -1.0,  0.5, -3.0,  0.0],

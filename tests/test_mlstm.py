@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kernels.check import assert_close, compare, parameters_without_gradient, random_tensor
-from refimpl.synapse import MLSTMLayer, mlstm_parallel, mlstm_recurrent
+from refimpl.synapse import MLSTMLayer
+from refimpl.ops import mlstm_parallel, mlstm_recurrent
 
 
 def _inputs(B=2, T=29, H=3, Dk=6, Dv=5, gate_scale=3.0, dtype=torch.float64, seed=0):

@@ -17,7 +17,7 @@ import torch
 
 from kernels.check import assert_close, random_tensor
 from kernel_testing import one_torch_thread  # noqa: F401 (an autouse fixture: one torch thread)
-from refimpl import optim
+from refimpl import ops, optim
 
 TIGHT = dict(atol=1e-12, rtol=1e-12)
 SHAPES = [(3, 4), (5,), (2, 1, 3), (1,)]                  # a few parameter tensors, 24 numbers in all
@@ -75,7 +75,7 @@ def test_adam_clip_step_equals_clip_grad_norm_then_torch_adam(clip, weight_decay
         torch_adam.step()
 
         grad_before = grad.clone()
-        norm = optim.adam_clip_step(param, grad, exp_avg, exp_avg_sq, step=t, lr=lr, beta1=betas[0],
+        norm = ops.adam_clip_step(param, grad, exp_avg, exp_avg_sq, step=t, lr=lr, beta1=betas[0],
                                     beta2=betas[1], eps=eps, weight_decay=weight_decay, max_norm=max_norm)
         assert torch.equal(grad, grad_before), "grad must not be modified"
         assert norm.dim() == 0 and norm.dtype == torch.float64
@@ -88,7 +88,7 @@ def test_adam_clip_step_equals_clip_grad_norm_then_torch_adam(clip, weight_decay
 
 def test_adam_clip_step_zero_gradient_is_not_a_division_by_zero():
     param, zero = torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
-    norm = optim.adam_clip_step(param, zero, zero.clone(), zero.clone(), step=1, max_norm=1.0)
+    norm = ops.adam_clip_step(param, zero, zero.clone(), zero.clone(), step=1, max_norm=1.0)
     assert float(norm) == 0.0 and torch.equal(param, torch.ones(4, dtype=torch.float64))
 
 
@@ -203,23 +203,23 @@ def test_adam_clip_step_bad_arguments_are_value_errors():
     p = torch.zeros(6)
     ok = dict(step=1)
     with pytest.raises(ValueError, match=r"grad must have shape \[N\] = \[6\] like param, got \[5\]"):
-        optim.adam_clip_step(p, p[:5], p.clone(), p.clone(), **ok)
+        ops.adam_clip_step(p, p[:5], p.clone(), p.clone(), **ok)
     with pytest.raises(ValueError, match=r"param must be a flat 1-D buffer \[N\], got shape \[2, 3\]"):
-        optim.adam_clip_step(p.view(2, 3), p, p, p, **ok)
+        ops.adam_clip_step(p.view(2, 3), p, p, p, **ok)
     with pytest.raises(ValueError, match="grad must be a floating-point tensor, got torch.int64"):
-        optim.adam_clip_step(p, torch.zeros(6, dtype=torch.long), p, p, **ok)
+        ops.adam_clip_step(p, torch.zeros(6, dtype=torch.long), p, p, **ok)
     with pytest.raises(ValueError, match="exp_avg must have param's dtype torch.float32, got torch.float64"):
-        optim.adam_clip_step(p, p, p.double(), p, **ok)
+        ops.adam_clip_step(p, p, p.double(), p, **ok)
     with pytest.raises(ValueError, match="exp_avg_sq must be contiguous"):
-        optim.adam_clip_step(p, p, p, torch.zeros(12)[::2], **ok)
+        ops.adam_clip_step(p, p, p, torch.zeros(12)[::2], **ok)
     with pytest.raises(ValueError, match="the buffers are empty"):
-        optim.adam_clip_step(p[:0], p[:0], p[:0], p[:0], **ok)
+        ops.adam_clip_step(p[:0], p[:0], p[:0], p[:0], **ok)
     with pytest.raises(ValueError, match="exp_avg and exp_avg_sq share memory"):
-        optim.adam_clip_step(p.clone(), p.clone(), p, p, **ok)
+        ops.adam_clip_step(p.clone(), p.clone(), p, p, **ok)
     buffer = torch.zeros(20)
     with pytest.raises(ValueError, match="param and grad share memory"):
-        optim.adam_clip_step(buffer[:6], buffer[5:11], p.clone(), torch.zeros(6), **ok)   # overlapping by one
-    optim.adam_clip_step(buffer[:6], buffer[6:12], buffer[12:18], torch.zeros(6), **ok)   # adjacent is fine
+        ops.adam_clip_step(buffer[:6], buffer[5:11], p.clone(), torch.zeros(6), **ok)   # overlapping by one
+    ops.adam_clip_step(buffer[:6], buffer[6:12], buffer[12:18], torch.zeros(6), **ok)   # adjacent is fine
     for kwargs, message in [(dict(step=0), "step must be an int >= 1"), (dict(step=2.0), "step must be an int >= 1"),
                             (dict(step=True), "step must be an int >= 1"), (dict(step=1, lr=0), "lr must be > 0"),
                             (dict(step=1, lr=float("nan")), "lr must be a finite number"),
@@ -229,7 +229,7 @@ def test_adam_clip_step_bad_arguments_are_value_errors():
                             (dict(step=1, weight_decay=-1e-3), "weight_decay must be >= 0"),
                             (dict(step=1, max_norm=0.0), "max_norm must be > 0")]:
         with pytest.raises(ValueError, match=message):
-            optim.adam_clip_step(p, p.clone(), p.clone(), p.clone(), **kwargs)
+            ops.adam_clip_step(p, p.clone(), p.clone(), p.clone(), **kwargs)
 
 
 def test_flat_adam_refuses_what_one_flat_buffer_cannot_hold():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refimpl.quant import (dequantize_packed, dequantize_per_row, fake_quantize, pack_bits, packed_length,
-                           quantize_per_row, unpack_bits)
+from refimpl.quant import dequantize_per_row, fake_quantize, quantize_per_row
+from refimpl.ops import dequantize_packed, pack_bits, packed_length, unpack_bits
 
 
 def _random_values(shape, bits, seed):

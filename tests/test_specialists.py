@@ -7,7 +7,7 @@ import torch
 
 from refimpl.baseline import BaselineConfig, BaselineLM
 from refimpl.data import package_corpus
-from refimpl.merging import average
+from refimpl.ops import average
 from refimpl.specialists import (LoRALinear, SpecialistRouter, add_lora, distinctive_words, lora_modules,
                                  task_vector, with_task_vector, words)
 from refimpl.synapse import HebbianPathways

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.check import assert_close, random_tensor
-from refimpl.ssm import MambaLayer, MambaState, selective_scan_chunked, selective_scan_recurrent
+from refimpl.ssm import MambaLayer, MambaState
+from refimpl.ops import selective_scan_chunked, selective_scan_recurrent
 
 
 def _inputs(B=2, T=37, Dm=5, N=4, seed=0, big_steps=False):

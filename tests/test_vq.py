@@ -8,6 +8,7 @@ restarts, the usage statistics, and bad input.
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -15,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels.check import assert_close, random_tensor
-from refimpl import vq
+from refimpl import ops, vq
+
+VQ_NEAREST_FILE = importlib.import_module("refimpl.ops.vq_nearest")  # the module: refimpl.ops.vq_nearest is the function
 
 
 def _brute_force_distances(z, codebook):
@@ -30,7 +33,7 @@ def test_vq_nearest_equals_cdist_argmin_in_float64(N, K, C):
     g = torch.Generator().manual_seed(N * 1000 + K)
     z = random_tensor((N, C), dtype=torch.float64, generator=g)
     codebook = random_tensor((K, C), dtype=torch.float64, generator=g)
-    indices, distances = vq.vq_nearest(z, codebook)
+    indices, distances = ops.vq_nearest(z, codebook)
     assert indices.dtype == torch.int64 and tuple(indices.shape) == (N,)
     assert distances.dtype == torch.float64 and tuple(distances.shape) == (N,)
     # cdist without its matrix-multiply shortcut: every distance from the difference
@@ -48,7 +51,7 @@ def test_vq_nearest_in_float32_picks_a_nearest_code_by_distance():
     g = torch.Generator().manual_seed(1)
     z = random_tensor((200, 24), generator=g)
     codebook = random_tensor((300, 24), generator=g)
-    indices, distances = vq.vq_nearest(z, codebook)
+    indices, distances = ops.vq_nearest(z, codebook)
     d = _brute_force_distances(z, codebook)
     chosen = d.gather(1, indices[:, None]).squeeze(1)
     assert_close(chosen.float(), d.min(dim=1).values.float(), "chosen code's distance vs the minimum")
@@ -67,20 +70,20 @@ def test_vq_nearest_exact_ties_go_to_the_lowest_index():
     z = torch.tensor([[1., 2.], [0., 0.]])
     d = _brute_force_distances(z, codebook)
     assert d[0, 2] == d[0, 4] == d[0].min() and d[1, 4] == d[1, 5] == d[1, 6] == d[1].min()
-    indices, distances = vq.vq_nearest(z, codebook)
+    indices, distances = ops.vq_nearest(z, codebook)
     assert indices.tolist() == [2, 4]
     assert distances.tolist() == [2.0, 1.0]
     # duplicate codes: the first copy wins wherever it is
     dup = torch.cat([codebook, codebook.flip(0)])
-    assert vq.vq_nearest(z, dup)[0].tolist() == [2, 4]
-    assert vq.vq_nearest(z, codebook.flip(0))[0].tolist() == [2, 0]       # [-1, 0] is now code 0
+    assert ops.vq_nearest(z, dup)[0].tolist() == [2, 4]
+    assert ops.vq_nearest(z, codebook.flip(0))[0].tolist() == [2, 0]       # [-1, 0] is now code 0
 
 
 def test_vq_nearest_distances_are_exact_where_the_expanded_form_cancels():
     """Far from the origin, ||z||^2 - 2 z.c + ||c||^2 loses everything; the difference does not."""
     codebook = torch.tensor([[1000.0, -1000.0], [1000.5, -1000.0]])
     z = torch.tensor([[1000.001, -1000.002]])
-    indices, distances = vq.vq_nearest(z, codebook)
+    indices, distances = ops.vq_nearest(z, codebook)
     exact = float(((z.double() - codebook[0].double()) ** 2).sum())        # from the float32 inputs, in float64
     expanded = float((z * z).sum() - 2 * (z @ codebook[0]) + (codebook[0] * codebook[0]).sum())
     assert indices.item() == 0
@@ -92,45 +95,45 @@ def test_vq_nearest_chunking_does_not_change_the_answer(monkeypatch):
     g = torch.Generator().manual_seed(2)
     z = random_tensor((29, 5), generator=g)
     codebook = random_tensor((11, 5), generator=g)
-    whole = vq.vq_nearest(z, codebook)
-    monkeypatch.setattr(vq, "SEARCH_CHUNK_ELEMENTS", 3 * 11 + 2)           # chunks of 3 rows: 10 chunks
-    chunked = vq.vq_nearest(z, codebook)
+    whole = ops.vq_nearest(z, codebook)
+    monkeypatch.setattr(VQ_NEAREST_FILE, "SEARCH_CHUNK_ELEMENTS", 3 * 11 + 2)           # chunks of 3 rows: 10 chunks
+    chunked = ops.vq_nearest(z, codebook)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
-    monkeypatch.setattr(vq, "SEARCH_CHUNK_ELEMENTS", 1)                    # fewer elements than K: one row at a time
-    assert torch.equal(vq.vq_nearest(z, codebook)[0], whole[0])
+    monkeypatch.setattr(VQ_NEAREST_FILE, "SEARCH_CHUNK_ELEMENTS", 1)                    # fewer elements than K: one row at a time
+    assert torch.equal(ops.vq_nearest(z, codebook)[0], whole[0])
 
 
 def test_vq_nearest_has_no_gradient_and_keeps_half_precision_dtype():
     z = torch.randn(4, 3, requires_grad=True)
     codebook = torch.randn(6, 3, requires_grad=True)
-    indices, distances = vq.vq_nearest(z, codebook)
+    indices, distances = ops.vq_nearest(z, codebook)
     assert not distances.requires_grad
-    _, d16 = vq.vq_nearest(z.detach().bfloat16(), codebook.detach().bfloat16())
+    _, d16 = ops.vq_nearest(z.detach().bfloat16(), codebook.detach().bfloat16())
     assert d16.dtype == torch.bfloat16
 
 
 def test_vq_nearest_bad_inputs_are_value_errors():
     z, codebook = torch.randn(4, 3), torch.randn(6, 3)
     with pytest.raises(ValueError, match=r"z must be a torch.Tensor \[N, C\], got list"):
-        vq.vq_nearest([[0.0] * 3], codebook)
+        ops.vq_nearest([[0.0] * 3], codebook)
     with pytest.raises(ValueError, match=r"z must be a floating-point tensor \[N, C\], got torch.int64"):
-        vq.vq_nearest(z.long(), codebook)
+        ops.vq_nearest(z.long(), codebook)
     with pytest.raises(ValueError, match=r"codebook must be a floating-point tensor \[K, C\]"):
-        vq.vq_nearest(z, codebook.int())
+        ops.vq_nearest(z, codebook.int())
     with pytest.raises(ValueError, match=r"z must be \[N, C\] with N, C >= 1, got shape \[2, 2, 3\]"):
-        vq.vq_nearest(z.view(2, 2, 3), codebook)
+        ops.vq_nearest(z.view(2, 2, 3), codebook)
     with pytest.raises(ValueError, match=r"z must be \[N, C\] with N, C >= 1, got shape \[0, 3\]"):
-        vq.vq_nearest(z[:0], codebook)
+        ops.vq_nearest(z[:0], codebook)
     with pytest.raises(ValueError, match=r"codebook must be \[K, C\] = \[K, 3\] with K >= 1, got shape \[6, 4\]"):
-        vq.vq_nearest(z, torch.randn(6, 4))
+        ops.vq_nearest(z, torch.randn(6, 4))
     with pytest.raises(ValueError, match=r"codebook must be \[K, C\] = \[K, 3\] with K >= 1, got shape \[0, 3\]"):
-        vq.vq_nearest(z, codebook[:0])
+        ops.vq_nearest(z, codebook[:0])
     with pytest.raises(ValueError, match=r"codebook must be \[K, C\] = \[K, 3\] with K >= 1, got shape \[18\]"):
-        vq.vq_nearest(z, codebook.flatten())
+        ops.vq_nearest(z, codebook.flatten())
     with pytest.raises(ValueError, match="codebook must have z's dtype torch.float32, got torch.float64"):
-        vq.vq_nearest(z, codebook.double())
+        ops.vq_nearest(z, codebook.double())
     with pytest.raises(ValueError, match="one device"):
-        vq.vq_nearest(z, codebook.to("meta"))
+        ops.vq_nearest(z, codebook.to("meta"))
 
 
 # ---------------------------------------------------------------- VectorQuantizer
@@ -145,7 +148,7 @@ def test_forward_round_trips_through_lookup(ema):
     z_e = random_tensor((2, 5, 4), generator=torch.Generator().manual_seed(1))
     out = quantizer(z_e)
     assert tuple(out.z_q.shape) == (2, 5, 4) and tuple(out.indices.shape) == (2, 5)
-    assert torch.equal(out.indices, vq.vq_nearest(z_e.reshape(-1, 4), quantizer.codebook)[0].view(2, 5))
+    assert torch.equal(out.indices, ops.vq_nearest(z_e.reshape(-1, 4), quantizer.codebook)[0].view(2, 5))
     assert torch.allclose(quantizer.lookup(out.indices), out.z_q, atol=1e-6, rtol=0)   # z_e + (z_q - z_e): rounding
     assert torch.equal(quantizer.lookup(out.indices), quantizer.codebook[out.indices])
     # quantising the codes themselves gives them back, exactly

@@ -1,4 +1,4 @@
-"""The fused Adam + clipping kernels against `refimpl.optim.adam_clip_step`, on every backend.
+"""The fused Adam + clipping kernels against `refimpl.ops.adam_clip_step`, on every backend.
 
 The op's output is only the gradient norm; its real results are the three buffers it updates in
 place (param, exp_avg, exp_avg_sq). So every test here compares all four after each run, and
@@ -29,7 +29,7 @@ from kernels import adam_clip_step as adam_kernels
 from kernels.check import assert_close, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, one_torch_thread, skip_unless_runnable  # noqa: F401 (a fixture)
-from refimpl import optim
+from refimpl import ops, optim
 
 SIZES = [pytest.param(N, id=f"N{N}") for N in (1, 37, 1025, 70000)]
 MODES = {  # id -> hyperparameters; "clip" gets max_norm = the median step's gradient norm (see _run_inputs)
@@ -195,7 +195,7 @@ def test_adam_at_gpu_size(backend):
 # ---------------------------------------------------------------- FlatAdam with a kernel swapped in
 
 def test_flat_adam_with_the_numba_kernel_equals_the_reference():
-    """FlatAdam.step calls refimpl.optim.adam_clip_step at call time, so kernels.use swaps the kernel in."""
+    """FlatAdam.step calls refimpl.ops.adam_clip_step at call time, so kernels.use swaps the kernel in."""
     torch.manual_seed(6)
     model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.GELU(), torch.nn.Linear(9, 2)).double()
     twin = copy.deepcopy(model)
@@ -208,10 +208,10 @@ def test_flat_adam_with_the_numba_kernel_equals_the_reference():
         fast.zero_grad()
         torch.nn.functional.mse_loss(twin(x), y).backward()
         with kernels.use("numba", ops=["adam_clip_step"]):
-            assert optim.adam_clip_step.__wrapped__ is adam_kernels.adam_clip_step_numba   # behind a call counter
+            assert ops.adam_clip_step.__wrapped__ is adam_kernels.adam_clip_step_numba   # behind a call counter
             fast.step()
         assert_close(fast.last_norm, reference.last_norm, f"step {step}: norm")
-    assert optim.adam_clip_step is kernels.get("adam_clip_step", "reference")          # put back after the block
+    assert ops.adam_clip_step is kernels.get("adam_clip_step", "reference")          # put back after the block
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert_close(q, p, f"FlatAdam with the numba kernel: {name}")
 

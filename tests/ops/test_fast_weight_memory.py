@@ -1,6 +1,6 @@
 """The fast-weight memory kernels against the step loop, on every backend, at awkward shapes.
 
-Ground truth is `refimpl.synapse.fast_weight_memory_recurrent`, in the kernel's own dtype and from
+Ground truth is `refimpl.ops.fast_weight_memory_recurrent`, in the kernel's own dtype and from
 the same inputs. Outputs are poisoned with NaN before a kernel writes them. numba_cuda runs through
 numba's CUDA simulator when there is no GPU (slow: the GPU-size case then skips with a reason);
 cupy cases need a GPU and skip with a reason elsewhere, while the CUDA C is compile-checked with
@@ -19,7 +19,7 @@ from kernels import fast_weight_memory as fast_weight_kernels
 from kernels.check import assert_close, poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
-from refimpl import synapse
+from refimpl import ops, synapse
 
 
 def _inputs(B, T, H, Dk, Dv, dtype, device, seed=0, gate_scale=3.0):
@@ -35,7 +35,7 @@ def _inputs(B, T, H, Dk, Dv, dtype, device, seed=0, gate_scale=3.0):
 
 
 def _check_against_step_loop(backend, q, k, v, gate, W0, name, decay=0.95, strength=0.1):
-    expected_r, expected_W = synapse.fast_weight_memory_recurrent(q, k, v, gate, decay, strength, W0)
+    expected_r, expected_W = ops.fast_weight_memory_recurrent(q, k, v, gate, decay, strength, W0)
     with poisoned_outputs():
         r, W = kernels.get("fast_weight_memory", backend)(q, k, v, gate, decay, strength, W0)
     assert_close(r, expected_r, f"{name}: reads")
@@ -108,7 +108,7 @@ def test_fast_weight_memory_state_carried_in_halves_equals_one_run(backend, dtyp
         r2, W2 = memory(q[:, cut:], k[:, cut:], v[:, cut:], gate[:, cut:], 0.9, 0.2, W1)
     assert_close(torch.cat([r1, r2], dim=1), r_all, f"fast_weight_memory[{backend}] halves: reads")
     assert_close(W2, W_all, f"fast_weight_memory[{backend}] halves: final memory")
-    expected_r, expected_W = synapse.fast_weight_memory_recurrent(q, k, v, gate, 0.9, 0.2, W0)
+    expected_r, expected_W = ops.fast_weight_memory_recurrent(q, k, v, gate, 0.9, 0.2, W0)
     assert_close(r_all, expected_r, f"fast_weight_memory[{backend}] one run: reads")
     assert_close(W_all, expected_W, f"fast_weight_memory[{backend}] one run: final memory")
 
@@ -144,11 +144,11 @@ def test_fast_weight_layer_with_numba_kernel_equals_reference():
         expected_steps = [layer(x[:, :4], state), layer(x[:, 4:], state)]     # memory carried across calls
         with kernels.use("numba", ops=["fast_weight_memory"]) as swapped:
             assert swapped == ["fast_weight_memory"]
-            assert synapse.fast_weight_memory.__wrapped__ is fast_weight_kernels.fast_weight_memory_numba   # behind a call counter
+            assert ops.fast_weight_memory.__wrapped__ is fast_weight_kernels.fast_weight_memory_numba   # behind a call counter
             got = layer(x)
             state = []
             got_steps = [layer(x[:, :4], state), layer(x[:, 4:], state)]
-    assert synapse.fast_weight_memory is kernels.get("fast_weight_memory", "reference")   # put back after the block
+    assert ops.fast_weight_memory is kernels.get("fast_weight_memory", "reference")   # put back after the block
     assert_close(got, expected, "FastWeightMemory with the numba kernel")
     for i, (g, e) in enumerate(zip(got_steps, expected_steps)):
         assert_close(g, e, f"FastWeightMemory with the numba kernel, call {i} with carried memory")

@@ -10,8 +10,8 @@ import kernels
 from kernels import gated_delta_rule as gdr_kernels
 from kernels.check import assert_close, poisoned_outputs, random_tensor
 from kernels.machine import device_for
-from refimpl.gated_deltanet import (GatedDeltaNet, GatedDeltaNetState, gated_delta_rule_chunked,
-                                    gated_delta_rule_recurrent)
+from refimpl.gated_deltanet import GatedDeltaNet, GatedDeltaNetState
+from refimpl.ops import gated_delta_rule_chunked, gated_delta_rule_recurrent
 
 # id -> (B, T, H, K, V, gate regime)
 CASES = {

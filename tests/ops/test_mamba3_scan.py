@@ -1,6 +1,6 @@
 """The Mamba-3 scan kernels against the step loop, on every backend, at awkward shapes.
 
-Ground truth is `refimpl.mamba3.mamba3_scan_recurrent`, in the kernel's own dtype and from the same
+Ground truth is `refimpl.ops.mamba3_scan_recurrent`, in the kernel's own dtype and from the same
 inputs. Outputs are poisoned with NaN before a kernel writes them. numba_cuda runs through numba's
 CUDA simulator when there is no GPU (slow: keep shapes tiny; the GPU-size case then skips with a
 reason); cupy cases need a GPU and skip with a reason elsewhere, while the CUDA C is compile-checked
@@ -29,8 +29,8 @@ from kernels import mamba3_scan as mamba3_kernels
 from kernels.check import assert_close, poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
-from refimpl import mamba3
-from refimpl.mamba3 import Mamba3ScanState, mamba3_scan_recurrent
+from refimpl import mamba3, ops
+from refimpl.ops import Mamba3ScanState, mamba3_scan_recurrent
 
 
 def _inputs(B, T, H, R, P, N, K, dtype, device, seed=0, trap=True):
@@ -231,11 +231,11 @@ def test_mamba3_layer_with_numba_scan_equals_reference():
         expected_steps = [layer(x[:, :4], expected_state), layer(x[:, 4:], expected_state)]   # scan state carried
         with kernels.use("numba", ops=["mamba3_scan"]) as swapped:
             assert swapped == ["mamba3_scan"]
-            assert mamba3.mamba3_scan.__wrapped__ is mamba3_kernels.mamba3_scan_numba   # behind a call counter
+            assert ops.mamba3_scan.__wrapped__ is mamba3_kernels.mamba3_scan_numba   # behind a call counter
             got = layer(x)
             state = mamba3.Mamba3State()
             got_steps = [layer(x[:, :4], state), layer(x[:, 4:], state)]
-    assert mamba3.mamba3_scan is kernels.get("mamba3_scan", "reference")          # put back after the block
+    assert ops.mamba3_scan is kernels.get("mamba3_scan", "reference")          # put back after the block
     assert_close(got, expected, "Mamba3Layer with the numba scan")
     for i, (g, e) in enumerate(zip(got_steps, expected_steps)):
         assert_close(g, e, f"Mamba3Layer with the numba scan, call {i} with carried state")

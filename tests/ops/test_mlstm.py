@@ -26,7 +26,8 @@ from kernels import mlstm as mlstm_kernels
 from kernels.check import assert_close, poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
-from refimpl.synapse import MLSTMLayer, mlstm_recurrent
+from refimpl.synapse import MLSTMLayer
+from refimpl.ops import mlstm_recurrent
 
 
 def _inputs(B, T, H, Dk, Dv, dtype=torch.float32, device="cpu", seed=0, offset=2.0):

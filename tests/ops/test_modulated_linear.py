@@ -1,6 +1,6 @@
 """The modulated-linear kernels against the reference and against W_eff built per row, on every backend.
 
-Two ground truths, from the same inputs: `refimpl.geometric.modulated_linear` in the kernel's own
+Two ground truths, from the same inputs: `refimpl.ops.modulated_linear` in the kernel's own
 dtype (the op models call), and `modulated_linear_materialised` in float64 (W_eff per row, the
 obviously right form; compared at the kernel dtype's tolerance, since the float64 answer differs
 from any float32 one only by the kernel's own rounding). Shapes are awkward on purpose: every size 1,
@@ -22,7 +22,7 @@ from kernels import modulated_linear as modulated_linear_kernels
 from kernels.check import TOLERANCES, assert_close, poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
-from refimpl import geometric
+from refimpl import ops
 
 LIMIT = modulated_linear_kernels.MAX_MODULATION
 
@@ -50,9 +50,9 @@ def _check(backend, args, name):
     """The kernel (outputs poisoned) against the reference in its dtype and W_eff-per-row in float64."""
     with poisoned_outputs():
         y = kernels.get("modulated_linear", backend)(*args)
-    assert_close(y, geometric.modulated_linear(*args), f"{name} vs reference")
+    assert_close(y, ops.modulated_linear(*args), f"{name} vs reference")
     atol, rtol = TOLERANCES[args[0].dtype]
-    expected = geometric.modulated_linear_materialised(*(a.cpu().double() for a in args))
+    expected = ops.modulated_linear_materialised(*(a.cpu().double() for a in args))
     assert_close(y.cpu().double(), expected, f"{name} vs W_eff per row (float64)", atol=atol, rtol=rtol)
     return y
 
@@ -118,7 +118,7 @@ def test_modulated_linear_at_gpu_size(backend):
     args = _inputs(N, I, O, M, r, torch.float32, device_for(backend), seed=4)
     with poisoned_outputs():
         y = kernels.get("modulated_linear", backend)(*args)
-    assert_close(y, geometric.modulated_linear(*args), f"modulated_linear[{backend}] at GPU size")
+    assert_close(y, ops.modulated_linear(*args), f"modulated_linear[{backend}] at GPU size")
 
 
 # ---------------------------------------------------------------- bad input
@@ -167,7 +167,7 @@ def test_modulation_beyond_shared_memory_is_a_value_error(backend):
     with pytest.raises(ValueError, match=rf"M \* r <= {LIMIT} .*got M \* r = {M} \* {r} = {M * r}"):
         kernels.get("modulated_linear", backend)(*args)
     y = kernels.get("modulated_linear", "numba")(*args)
-    assert_close(y, geometric.modulated_linear(*args), "numba modulated_linear past the CUDA limit")
+    assert_close(y, ops.modulated_linear(*args), "numba modulated_linear past the CUDA limit")
 
 
 def test_cpu_tensors_to_the_cupy_kernel_are_a_value_error():

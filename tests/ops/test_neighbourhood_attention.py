@@ -1,6 +1,6 @@
 """The 3D neighbourhood-attention kernels against the reference, on every backend, at awkward grids.
 
-Ground truth is `refimpl.grid_attention.neighbourhood_attention` (itself tested equal to dense
+Ground truth is `refimpl.ops.neighbourhood_attention` (itself tested equal to dense
 masked attention in tests/test_grid_attention.py), in the kernel's own dtype and from the same
 inputs. Outputs are poisoned with NaN before a kernel writes them. numba_cuda runs through numba's
 CUDA simulator when there is no GPU (slow: the GPU-size case then skips with a reason); cupy cases
@@ -19,7 +19,7 @@ from kernels import neighbourhood_attention as na_kernels
 from kernels.check import assert_close, example_shapes, poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
-from refimpl import grid_attention
+from refimpl import ops
 
 OP = "neighbourhood_attention"
 
@@ -38,7 +38,7 @@ def _work(B, X, Y, Z, H, D, radius):
 
 
 def _check_against_reference(backend, args, radius, name):
-    expected = grid_attention.neighbourhood_attention(*args, radius=radius)
+    expected = ops.neighbourhood_attention(*args, radius=radius)
     with poisoned_outputs():
         got = kernels.get(OP, backend)(*args, radius=radius)
     assert_close(got, expected, name)

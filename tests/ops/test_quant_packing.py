@@ -22,7 +22,7 @@ from kernels import quant_packing as quant_kernels
 from kernels.check import poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
-from refimpl import quant
+from refimpl import ops, quant
 
 #: the backends, once each: packing has no float dtype, so only dequantize's scale uses BACKEND_DTYPES' axis
 BACKENDS = list(dict.fromkeys(param.values[0] for param in BACKEND_DTYPES))
@@ -93,7 +93,7 @@ def test_pack_equals_reference_bytes_and_unpack_round_trips(backend, bits, shape
     skip_unless_runnable(backend, work=_workers(shape, bits))
     values = _values(shape, bits, seed=len(shape) * 1000 + shape[-1])
     n, device = shape[-1], device_for(backend)
-    expected = quant.pack_bits(values, bits)
+    expected = ops.pack_bits(values, bits)
     with poisoned_outputs():
         packed = kernels.get("pack_bits", backend)(values.to(device), bits)
     _assert_equal(packed, expected, f"pack_bits[{backend}] int{bits} {list(shape)}")
@@ -108,12 +108,12 @@ def test_unpack_of_every_byte_pattern_equals_reference(backend, bits):
     """All 256 byte values in every byte position of a group, including bits in the padding of a
     partial last group, which unpacking must ignore as the reference does."""
     n, rows = 7, 256                                     # n = 7, INT6: a whole group and one of 3; INT4: 3 pairs and 1
-    nbytes = quant.packed_length(n, bits)
+    nbytes = ops.packed_length(n, bits)
     skip_unless_runnable(backend, work=_workers((rows, n), bits))
     packed = ((torch.arange(rows)[:, None] + torch.arange(nbytes)) % 256).to(torch.uint8)   # byte (r + k) mod 256
     for k in range(nbytes):
         assert packed[:, k].unique().numel() == 256      # every byte value at every byte position
-    expected = quant.unpack_bits(packed, n, bits)
+    expected = ops.unpack_bits(packed, n, bits)
     with poisoned_outputs():
         got = kernels.get("unpack_bits", backend)(packed.to(device_for(backend)), n, bits)
     _assert_equal(got, expected, f"unpack_bits[{backend}] int{bits}, every byte pattern")
@@ -126,7 +126,7 @@ def test_pack_takes_wider_integers_as_the_reference_does(backend, dtype):
     values = _values((3, 11), 6, seed=1)
     with poisoned_outputs():
         got = kernels.get("pack_bits", backend)(values.to(dtype=dtype, device=device_for(backend)), 6)
-    _assert_equal(got, quant.pack_bits(values.to(dtype), 6), f"pack_bits[{backend}] from {dtype}")
+    _assert_equal(got, ops.pack_bits(values.to(dtype), 6), f"pack_bits[{backend}] from {dtype}")
 
 
 @pytest.mark.parametrize("backend", ["numba", "numba_cuda"])
@@ -138,12 +138,12 @@ def test_kernels_take_non_contiguous_inputs(backend):
     scale = _scale(10, torch.float32, 6, seed=4)[::2]                       # [5], stride 2
     assert not (values.is_contiguous() or packed.is_contiguous() or scale.is_contiguous())
     with poisoned_outputs():
-        _assert_equal(kernels.get("pack_bits", backend)(values.to(device), 6), quant.pack_bits(values, 6),
+        _assert_equal(kernels.get("pack_bits", backend)(values.to(device), 6), ops.pack_bits(values, 6),
                       f"pack_bits[{backend}] strided")
-        _assert_equal(kernels.get("unpack_bits", backend)(packed.to(device), 7, 6), quant.unpack_bits(packed, 7, 6),
+        _assert_equal(kernels.get("unpack_bits", backend)(packed.to(device), 7, 6), ops.unpack_bits(packed, 7, 6),
                       f"unpack_bits[{backend}] strided")
         _assert_equal(kernels.get("dequantize_packed", backend)(packed.to(device), scale.to(device), 7, 6),
-                      quant.dequantize_packed(packed, scale, 7, 6), f"dequantize_packed[{backend}] strided")
+                      ops.dequantize_packed(packed, scale, 7, 6), f"dequantize_packed[{backend}] strided")
 
 
 # ---------------------------------------------------------------- dequantize vs the reference
@@ -160,11 +160,11 @@ def test_dequantize_packed_equals_reference_exactly(backend, dtype, bits, shape)
     """dtype is the scale's; the output is float32 on every backend, as the reference's."""
     R, n = shape
     skip_unless_runnable(backend, work=_workers(shape, bits))
-    packed = _bytes((R, quant.packed_length(n, bits)), seed=R * 1000 + n)
+    packed = _bytes((R, ops.packed_length(n, bits)), seed=R * 1000 + n)
     scale = _scale(R, dtype, bits, seed=n)
     if R >= 3:
         scale[1], scale[2] = 0.0, -scale[2]                                  # a zero row and a negative scale
-    expected = quant.dequantize_packed(packed, scale, n, bits)
+    expected = ops.dequantize_packed(packed, scale, n, bits)
     device = device_for(backend)
     with poisoned_outputs():
         got = kernels.get("dequantize_packed", backend)(packed.to(device), scale.to(device), n, bits)
@@ -206,7 +206,7 @@ def test_dequantize_of_zero_length_rows_does_what_the_reference_does(backend, bi
     skip_unless_runnable(backend)
     R, n = shape
     packed, scale = torch.zeros((R, 0), dtype=torch.uint8), torch.ones(R)
-    expected = _outcome(quant.dequantize_packed, packed, scale, n, bits)
+    expected = _outcome(ops.dequantize_packed, packed, scale, n, bits)
     got = _outcome(kernels.get("dequantize_packed", backend), packed.to(device_for(backend)),
                    scale.to(device_for(backend)), n, bits)
     assert got[0] == expected[0], f"{backend}: {got}, reference: {expected}"
@@ -225,28 +225,28 @@ def test_quant_at_gpu_size(backend, bits):
     skip_unless_runnable(backend, work=_workers((R, n), bits))
     values, device = _values((R, n), bits, seed=6), device_for(backend)
     scale = _scale(R, torch.float32, bits, seed=7)
-    expected = quant.pack_bits(values, bits)
+    expected = ops.pack_bits(values, bits)
     with poisoned_outputs():
         packed = kernels.get("pack_bits", backend)(values.to(device), bits)
         _assert_equal(packed, expected, f"pack_bits[{backend}] at GPU size")
         _assert_equal(kernels.get("unpack_bits", backend)(packed, n, bits), values,
                       f"unpack_bits[{backend}] at GPU size")
         _assert_equal(kernels.get("dequantize_packed", backend)(packed, scale.to(device), n, bits),
-                      quant.dequantize_packed(expected, scale, n, bits), f"dequantize_packed[{backend}] at GPU size")
+                      ops.dequantize_packed(expected, scale, n, bits), f"dequantize_packed[{backend}] at GPU size")
 
 
 def test_use_swaps_the_quant_ops_in():
-    ops = ["pack_bits", "unpack_bits", "dequantize_packed"]
-    original = quant.pack_bits
-    for op in ops:
+    names = ["pack_bits", "unpack_bits", "dequantize_packed"]
+    original = ops.pack_bits
+    for op in names:
         assert kernels.registered()[op] == list(kernels.BACKENDS)
     values = _values((3, 9), 6, seed=8)
-    with kernels.use("numba", ops=ops) as swapped:
-        assert swapped == ops and quant.pack_bits.__wrapped__ is quant_kernels.pack_bits_numba
-        packed = quant.pack_bits(values, 6)
-        assert torch.equal(quant.unpack_bits(packed, 9, 6), values)
-    assert quant.pack_bits is original
-    assert torch.equal(packed, quant.pack_bits(values, 6))
+    with kernels.use("numba", ops=names) as swapped:
+        assert swapped == names and ops.pack_bits.__wrapped__ is quant_kernels.pack_bits_numba
+        packed = ops.pack_bits(values, 6)
+        assert torch.equal(ops.unpack_bits(packed, 9, 6), values)
+    assert ops.pack_bits is original
+    assert torch.equal(packed, ops.pack_bits(values, 6))
 
 
 # ---------------------------------------------------------------- bad input
@@ -304,7 +304,7 @@ def test_numba_scale_dtypes_and_gradients():
     with pytest.raises(ValueError, match="forward-only"):
         dequantize(packed, trained, 7, 6)
     with torch.no_grad():
-        _assert_equal(dequantize(packed, trained, 7, 6), quant.dequantize_packed(packed, trained.detach(), 7, 6),
+        _assert_equal(dequantize(packed, trained, 7, 6), ops.dequantize_packed(packed, trained.detach(), 7, 6),
                       "dequantize_packed[numba] under no_grad")
 
 

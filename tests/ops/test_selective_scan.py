@@ -1,6 +1,6 @@
 """The selective scan (Mamba S6) kernels against the step loop, on every backend, at awkward shapes.
 
-Ground truth is `refimpl.ssm.selective_scan_recurrent`, in the kernel's own dtype and from the
+Ground truth is `refimpl.ops.selective_scan_recurrent`, in the kernel's own dtype and from the
 same inputs. Outputs are poisoned with NaN before a kernel writes them. numba_cuda runs through
 numba's CUDA simulator when there is no GPU (slow: the GPU-size case then skips with a reason);
 cupy cases need a GPU and skip with a reason elsewhere, while the CUDA C is compile-checked with
@@ -20,7 +20,7 @@ from kernels import selective_scan as selective_scan_kernels
 from kernels.check import assert_close, poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
-from refimpl import ssm
+from refimpl import ops, ssm
 
 
 def _scan_inputs(B, T, Dm, N, dtype, device, seed=0, steps="typical"):
@@ -45,7 +45,7 @@ def _scan_inputs(B, T, Dm, N, dtype, device, seed=0, steps="typical"):
 
 
 def _check_against_step_loop(backend, args, name):
-    expected_y, expected_h = ssm.selective_scan_recurrent(*args)
+    expected_y, expected_h = ops.selective_scan_recurrent(*args)
     with poisoned_outputs():
         y, h = kernels.get("selective_scan", backend)(*args)
     assert_close(y, expected_y, f"{name}: y")
@@ -109,7 +109,7 @@ def test_selective_scan_state_carried_in_halves_equals_one_run(backend, dtype):
         y2, h2 = scan(u[:, cut:], delta[:, cut:], A, Bm[:, cut:], Cm[:, cut:], D, h1)
     assert_close(torch.cat([y1, y2], dim=1), y_all, f"selective_scan[{backend}] halves: y")
     assert_close(h2, h_all, f"selective_scan[{backend}] halves: final state")
-    expected_y, expected_h = ssm.selective_scan_recurrent(u, delta, A, Bm, Cm, D, h0)
+    expected_y, expected_h = ops.selective_scan_recurrent(u, delta, A, Bm, Cm, D, h0)
     assert_close(y_all, expected_y, f"selective_scan[{backend}] one run: y")
     assert_close(h_all, expected_h, f"selective_scan[{backend}] one run: final state")
 
@@ -146,11 +146,11 @@ def test_mamba_layer_with_numba_selective_scan_equals_reference():
         expected_steps = [layer(x[:, :5], state), layer(x[:, 5:], state)]   # carried scan and conv state
         with kernels.use("numba", ops=["selective_scan"]) as swapped:
             assert swapped == ["selective_scan"]
-            assert ssm.selective_scan.__wrapped__ is selective_scan_kernels.selective_scan_numba   # behind a call counter
+            assert ops.selective_scan.__wrapped__ is selective_scan_kernels.selective_scan_numba   # behind a call counter
             got = layer(x)
             state = ssm.MambaState()
             got_steps = [layer(x[:, :5], state), layer(x[:, 5:], state)]
-    assert ssm.selective_scan is kernels.get("selective_scan", "reference")     # put back after the block
+    assert ops.selective_scan is kernels.get("selective_scan", "reference")     # put back after the block
     assert_close(got, expected, "MambaLayer with the numba scan")
     for i, (g, e) in enumerate(zip(got_steps, expected_steps)):
         assert_close(g, e, f"MambaLayer with the numba scan, call {i} with carried state")

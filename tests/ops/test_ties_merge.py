@@ -1,4 +1,4 @@
-"""The TIES-merging kernels against `refimpl.merging.ties_merge`, on every backend, every option.
+"""The TIES-merging kernels against `refimpl.ops.ties_merge`, on every backend, every option.
 
 Which entries survive the trim must match the reference exactly, so the per-row thresholds
 (stage (a), `kernels.ties_merge.TRIM_THRESHOLDS`) are checked for equality with torch.topk's, on rows
@@ -21,7 +21,7 @@ from kernels import ties_merge as ties_kernels
 from kernels.check import assert_close, example_shapes, poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
-from refimpl import merging
+from refimpl import ops
 
 
 def _tau(K, P, dtype, device, seed=0):
@@ -37,7 +37,7 @@ def _tied_tau(K, P, dtype, device, seed=0):
 
 
 def _check_against_reference(backend, tau, name, **options):
-    expected = merging.ties_merge(tau, **options)
+    expected = ops.ties_merge(tau, **options)
     with poisoned_outputs():
         got = kernels.get("ties_merge", backend)(tau, **options)
     assert_close(got, expected, f"ties_merge[{backend}] {name} {options}")
@@ -111,7 +111,7 @@ def test_ties_kernel_on_the_hand_made_example(backend, dtype):
     expected = [[3.0, 2.5, 0.0, 5.0, 0.0], [1.5, 1.25, 0.0, 2.5, 0.0], [2.0, 5.0 / 3, 0.0, -4.0 / 3, -0.1]]
     for g, e, name in zip(got, expected, ("paper", "lam 0.5", "as written")):
         assert_close(g, torch.tensor(e, dtype=dtype, device=tau.device), f"ties_merge[{backend}] by hand, {name}")
-    assert_close(got[2], merging.ties_merge_as_written(tau), f"ties_merge[{backend}] = ties_merge_as_written")
+    assert_close(got[2], ops.ties_merge_as_written(tau), f"ties_merge[{backend}] = ties_merge_as_written")
 
 
 @pytest.mark.parametrize("backend", ["numba_cuda", "cupy"])

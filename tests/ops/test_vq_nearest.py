@@ -26,7 +26,7 @@ from kernels import vq_nearest as vq_kernels
 from kernels.check import assert_close, example_shapes, poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
-from refimpl import vq
+from refimpl import ops, vq
 
 # id -> (N, K, C)
 SHAPES = {
@@ -79,7 +79,7 @@ def test_vq_nearest_kernel_vs_reference(backend, dtype, case):
     N, K, C = case
     skip_unless_runnable(backend, work=N * K * C)
     z, codebook = _inputs(N, K, C, dtype, device_for(backend), seed=N + K + C)
-    expected = vq.vq_nearest(z, codebook)
+    expected = ops.vq_nearest(z, codebook)
     with poisoned_outputs():
         indices, distances = kernels.get("vq_nearest", backend)(z, codebook)
     clear = _check_nearest(z, codebook, indices, distances, f"vq_nearest[{backend}] {case}")
@@ -118,7 +118,7 @@ def test_vq_nearest_exact_ties_go_to_the_lowest_index(backend, dtype):
     with poisoned_outputs():
         indices, distances = kernels.get("vq_nearest", backend)(zs, codebook)
     assert indices.cpu().tolist() == winners
-    assert vq.vq_nearest(zs, codebook)[0].cpu().tolist() == winners
+    assert ops.vq_nearest(zs, codebook)[0].cpu().tolist() == winners
     assert distances.cpu().tolist() == [1.0] * N
 
 
@@ -165,9 +165,9 @@ def test_vector_quantizer_with_numba_vq_nearest_equals_reference():
     expected = quantizer(z_e)
     with kernels.use("numba", ops=["vq_nearest"]) as swapped:
         assert swapped == ["vq_nearest"]
-        assert vq.vq_nearest.__wrapped__ is vq_kernels.vq_nearest_numba   # behind a call counter
+        assert ops.vq_nearest.__wrapped__ is vq_kernels.vq_nearest_numba   # behind a call counter
         got = quantizer(z_e)                                  # training mode, z_e requiring grad: still works
-    assert vq.vq_nearest is kernels.get("vq_nearest", "reference")     # put back after the block
+    assert ops.vq_nearest is kernels.get("vq_nearest", "reference")     # put back after the block
     _check_nearest(z_e.detach().reshape(-1, 12), quantizer.codebook.detach(), got.indices.flatten(),
                    ((got.z_q - z_e) ** 2).sum(-1).detach().flatten(), "VectorQuantizer with numba")
     assert torch.equal(got.indices, expected.indices)

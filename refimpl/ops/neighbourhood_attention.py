@@ -30,6 +30,8 @@ Three forms of the same function:
 Helpers: `neighbourhood_mask` (the [N, N] mask) and `neighbour_count` (how many neurons each
 neuron sees, [X, Y, Z]), for tests and the chapter's picture.
 
+Shapes: q, k, v [B, X, Y, Z, H, D] -> out [B, X, Y, Z, H, D].
+
 Each function checks its arguments first and raises `ValueError` naming the shape it expected.
 Does not include: the projections W_q, W_k, W_v, W_o around the op (the model's job), or
 anything fast (the kernels' job).
@@ -43,27 +45,20 @@ import math
 import torch
 import torch.nn.functional as F
 
+from refimpl.ops.contract import at_least_fp32, fail
+
 SHAPE = "[B, X, Y, Z, H, D]"   # what q, k, v and the output look like
-
-
-def _fail(message: str) -> None:
-    raise ValueError(message)
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """Half-precision scores are promoted for the softmax; fp32 and fp64 stay as they are."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _check_radius(op: str, radius) -> None:
     if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
-        _fail(f"{op}: radius must be an int >= 0, got {radius!r}")
+        fail(f"{op}: radius must be an int >= 0, got {radius!r}")
 
 
 def _check_grid(op: str, X, Y, Z, radius) -> None:
     for name, side in (("X", X), ("Y", Y), ("Z", Z)):
         if isinstance(side, bool) or not isinstance(side, int) or side < 1:
-            _fail(f"{op}: grid side {name} must be an int >= 1, got {side!r}")
+            fail(f"{op}: grid side {name} must be an int >= 1, got {side!r}")
     _check_radius(op, radius)
 
 
@@ -72,20 +67,20 @@ def check_neighbourhood_attention_args(q, k, v, radius) -> tuple[int, int, int, 
     op = "neighbourhood_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            _fail(f"{op}: {name} must be a torch.Tensor {SHAPE}, got {type(t).__name__}")
+            fail(f"{op}: {name} must be a torch.Tensor {SHAPE}, got {type(t).__name__}")
         if not t.is_floating_point():
-            _fail(f"{op}: {name} must be a floating-point tensor {SHAPE}, got {t.dtype}")
+            fail(f"{op}: {name} must be a floating-point tensor {SHAPE}, got {t.dtype}")
         if t.dim() != 6:
-            _fail(f"{op}: {name} must be 6-D {SHAPE}, got shape {list(t.shape)}")
+            fail(f"{op}: {name} must be 6-D {SHAPE}, got shape {list(t.shape)}")
     if not (q.shape == k.shape == v.shape):
-        _fail(f"{op}: q, k, v must have the same shape {SHAPE}, "
+        fail(f"{op}: q, k, v must have the same shape {SHAPE}, "
               f"got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     if min(q.shape) < 1:
-        _fail(f"{op}: every size of {SHAPE} must be >= 1, got {list(q.shape)}")
+        fail(f"{op}: every size of {SHAPE} must be >= 1, got {list(q.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
-        _fail(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        fail(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        _fail(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        fail(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     _check_radius(op, radius)
     B, X, Y, Z, H, D = q.shape
     return B, X, Y, Z, H, D
@@ -127,7 +122,7 @@ def neighbourhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
 
     scores = torch.einsum("bxyzhd,bxyzmhd->bxyzhm", q, k_nb) / math.sqrt(D)   # [B, X, Y, Z, H, M]
     scores = scores.masked_fill(~valid[None, :, :, :, None, :], float("-inf"))  # out-of-grid: weight 0
-    probs = torch.softmax(_at_least_fp32(scores), dim=-1).to(q.dtype)         # every row has itself: no NaN
+    probs = torch.softmax(at_least_fp32(scores), dim=-1).to(q.dtype)         # every row has itself: no NaN
     return torch.einsum("bxyzhm,bxyzmhd->bxyzhd", probs, v_nb)               # [B, X, Y, Z, H, D]
 
 
@@ -162,7 +157,7 @@ def neighbourhood_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     scores = torch.einsum("bnhd,bmhd->bhnm", qf, kf) / math.sqrt(D)          # [B, H, N, N]
     allowed = neighbourhood_mask(X, Y, Z, radius, device=q.device)           # [N, N]
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(_at_least_fp32(scores), dim=-1).to(q.dtype)
+    probs = torch.softmax(at_least_fp32(scores), dim=-1).to(q.dtype)
     out = torch.einsum("bhnm,bmhd->bnhd", probs, vf)                         # [B, N, H, D]
     return out.reshape(B, X, Y, Z, H, D)
 

@@ -24,7 +24,8 @@ import math
 import torch
 
 
-def _check(tau: torch.Tensor) -> None:
+def check_ties_merge_args(tau: torch.Tensor) -> None:
+    """Validate task vectors: a float tensor [K, P] with K, P >= 1."""
     if not isinstance(tau, torch.Tensor) or tau.dim() != 2 or not tau.is_floating_point() or min(tau.shape) < 1:
         raise ValueError(f"task vectors must be a float tensor [K, P] with K, P >= 1, got "
                          f"{getattr(tau, 'dtype', type(tau).__name__)} {list(getattr(tau, 'shape', []))}")
@@ -32,19 +33,19 @@ def _check(tau: torch.Tensor) -> None:
 
 def average(tau: torch.Tensor) -> torch.Tensor:
     """Plain averaging of the fine-tuned models: mean_k tau_k."""
-    _check(tau)
+    check_ties_merge_args(tau)
     return tau.mean(dim=0)
 
 
 def task_arithmetic(tau: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     """lambda * sum_k tau_k."""
-    _check(tau)
+    check_ties_merge_args(tau)
     return lam * tau.sum(dim=0)
 
 
 def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Zero all but each row's top `density` fraction by magnitude (ties at the threshold are kept)."""
-    _check(tau)
+    check_ties_merge_args(tau)
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     keep = max(1, math.ceil(density * tau.shape[1]))
