@@ -106,9 +106,9 @@ def test_refinement_lowers_its_objective():
 
 def test_bad_input_is_a_value_error():
     x, weight, U, V, P, Q, cos, sin = _op_inputs()
-    with pytest.raises(ValueError, match=r"V must be \[3, 7, 2\]"):
+    with pytest.raises(ValueError, match=r"V must be \[M, I, r\] = \[3, 7, 2\]"):
         modulated_linear(x, weight, U, V[:, :5], P, Q, cos, sin)
-    with pytest.raises(ValueError, match="share a dtype"):
+    with pytest.raises(ValueError, match="weight must have x's dtype torch.float32, got torch.float64"):
         modulated_linear(x.float(), weight, U, V, P, Q, cos, sin)
     with pytest.raises(ValueError, match="unknown projections"):
         GeometricConfig(modulate=("q", "attention"))

@@ -162,19 +162,19 @@ def test_check_returns_the_sizes():
 def test_bad_inputs_are_value_errors(op):
     q, k, v = _qkv(1, 2, 3, 2, H=2, D=4)
     shape = r"\[B, X, Y, Z, H, D\]"
-    with pytest.raises(ValueError, match=f"k must be a torch.Tensor {shape}, got list"):
+    with pytest.raises(ValueError, match=f"k must be a floating-point tensor {shape}, got list"):
         op(q, k.tolist(), v)
     with pytest.raises(ValueError, match=f"q must be a floating-point tensor {shape}, got torch.int64"):
         op(q.long(), k, v)
-    with pytest.raises(ValueError, match=rf"v must be 6-D {shape}, got shape \[1, 2, 3, 2, 8\]"):
+    with pytest.raises(ValueError, match=rf"v must be {shape} = \[1, 2, 3, 2, 2, 4\], got \[1, 2, 3, 2, 8\]"):
         op(q, k, v.reshape(1, 2, 3, 2, 8))
-    with pytest.raises(ValueError, match=f"q, k, v must have the same shape {shape}"):
+    with pytest.raises(ValueError, match=rf"k must be {shape} = \[1, 2, 3, 2, 2, 4\], got \[1, 1, 3, 2, 2, 4\]"):
         op(q, k[:, :1], v)
-    with pytest.raises(ValueError, match=f"every size of {shape} must be >= 1"):
+    with pytest.raises(ValueError, match="every size must be >= 1, got X = 0"):
         op(q[:, :0], k[:, :0], v[:, :0])
-    with pytest.raises(ValueError, match="q, k, v must share a dtype"):
+    with pytest.raises(ValueError, match="k must have q's dtype torch.float64, got torch.float32"):
         op(q, k.float(), v)
-    with pytest.raises(ValueError, match="q, k, v must be on one device"):
+    with pytest.raises(ValueError, match="v must be on q's device cpu \\(one device for all\\), got meta"):
         op(q, k, v.to("meta"))
     for radius in (-1, True, 1.0, None, "1"):
         with pytest.raises(ValueError, match=f"radius must be an int >= 0, got {radius!r}"):

@@ -204,7 +204,7 @@ def test_bad_arguments_are_value_errors():
         mamba3_scan_recurrent(x[..., 0], dt, A, Bm, Cm)
     with pytest.raises(ValueError, match=r"A must be \[B, T, H\]"):
         mamba3_scan_recurrent(x, dt, A[0], Bm, Cm)
-    with pytest.raises(ValueError, match=r"C must be \[B, T, H, R, N\]"):
+    with pytest.raises(ValueError, match=r"Cm must be \[B, T, H, R, N\]"):
         mamba3_scan_recurrent(x, dt, A, Bm, Cm[..., :1, :])
     with pytest.raises(ValueError, match=r"theta must be \[B, T, H, K\].*N/2 = 3"):
         mamba3_scan_recurrent(x, dt, A, Bm, Cm, torch.cat([theta, theta], dim=-1))

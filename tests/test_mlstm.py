@@ -82,7 +82,7 @@ def test_bad_arguments_are_value_errors():
     q, k, v, i_pre, f_pre = _inputs()
     with pytest.raises(ValueError, match=r"i_pre must be \[B, T, H\]"):
         mlstm_recurrent(q, k, v, i_pre[:, :3], f_pre)
-    with pytest.raises(ValueError, match="initial_state must be"):
+    with pytest.raises(ValueError, match="initial_state [Cnm] must be"):
         mlstm_recurrent(q, k, v, i_pre, f_pre, (torch.zeros(1), torch.zeros(1), torch.zeros(1)))
     with pytest.raises(ValueError, match="multiple of n_heads"):
         MLSTMLayer(16, hidden=10, n_heads=4)

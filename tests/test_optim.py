@@ -202,17 +202,17 @@ def test_flat_adam_state_dict_round_trip_continues_the_same_run():
 def test_adam_clip_step_bad_arguments_are_value_errors():
     p = torch.zeros(6)
     ok = dict(step=1)
-    with pytest.raises(ValueError, match=r"grad must have shape \[N\] = \[6\] like param, got \[5\]"):
+    with pytest.raises(ValueError, match=r"grad must be \[N\] = \[6\], got \[5\]"):
         ops.adam_clip_step(p, p[:5], p.clone(), p.clone(), **ok)
-    with pytest.raises(ValueError, match=r"param must be a flat 1-D buffer \[N\], got shape \[2, 3\]"):
+    with pytest.raises(ValueError, match=r"param must be \[N\], got \[2, 3\]"):
         ops.adam_clip_step(p.view(2, 3), p, p, p, **ok)
-    with pytest.raises(ValueError, match="grad must be a floating-point tensor, got torch.int64"):
+    with pytest.raises(ValueError, match=r"grad must be a floating-point tensor \[N\], got torch.int64"):
         ops.adam_clip_step(p, torch.zeros(6, dtype=torch.long), p, p, **ok)
     with pytest.raises(ValueError, match="exp_avg must have param's dtype torch.float32, got torch.float64"):
         ops.adam_clip_step(p, p, p.double(), p, **ok)
     with pytest.raises(ValueError, match="exp_avg_sq must be contiguous"):
         ops.adam_clip_step(p, p, p, torch.zeros(12)[::2], **ok)
-    with pytest.raises(ValueError, match="the buffers are empty"):
+    with pytest.raises(ValueError, match="every size must be >= 1, got N = 0"):
         ops.adam_clip_step(p[:0], p[:0], p[:0], p[:0], **ok)
     with pytest.raises(ValueError, match="exp_avg and exp_avg_sq share memory"):
         ops.adam_clip_step(p.clone(), p.clone(), p, p, **ok)

@@ -58,7 +58,7 @@ def test_bad_arguments_are_value_errors():
     u, delta, A, Bm, Cm, D, h0 = _inputs()
     with pytest.raises(ValueError, match=r"A must be \[Dm, N\]"):
         selective_scan_recurrent(u, delta, A.T, Bm, Cm)
-    with pytest.raises(ValueError, match=r"C must be \[B, T, N\]"):
+    with pytest.raises(ValueError, match=r"Cm must be \[B, T, N\]"):
         selective_scan_chunked(u, delta, A, Bm, Cm[:, :3])
     with pytest.raises(ValueError, match=r"initial_state must be \[B, Dm, N\]"):
         selective_scan_chunked(u, delta, A, Bm, Cm, D, h0[:1])

@@ -41,7 +41,7 @@ from numbers import Integral, Real
 
 import torch
 
-from refimpl.ops.contract import fail
+from refimpl.ops.contract import Contract, fail
 
 
 #: what torch.nn.utils.clip_grad_norm_ adds to the norm before dividing (so a zero gradient is no 0/0)
@@ -60,6 +60,9 @@ def _expect_real(name: str, value, *, positive: bool = False, below_one: bool = 
         fail(f"adam_clip_step: {name} must be in [0, 1), got {value!r}")
 
 
+ADAM_CLIP_STEP = Contract("adam_clip_step", param="N", grad="N", exp_avg="N", exp_avg_sq="N")
+
+
 def check_adam_clip_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay,
                          max_norm) -> int:
     """Validate `adam_clip_step`'s arguments; return the flat length N.
@@ -69,26 +72,11 @@ def check_adam_clip_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta
     and a silent contiguous copy would be updated and thrown away), and no two overlapping in memory.
     """
     tensors = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    (N,) = ADAM_CLIP_STEP.check(tensors)
     for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            fail(f"adam_clip_step: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            fail(f"adam_clip_step: {name} must be a floating-point tensor, got {t.dtype}")
-        if t.dim() != 1:
-            fail(f"adam_clip_step: {name} must be a flat 1-D buffer [N], got shape {list(t.shape)}")
-    N = param.shape[0]
-    if N < 1:
-        fail("adam_clip_step: the buffers are empty; N must be >= 1")
-    for name, t in tensors.items():
-        if t.shape[0] != N:
-            fail(f"adam_clip_step: {name} must have shape [N] = [{N}] like param, got {list(t.shape)}")
-        if t.dtype != param.dtype:
-            fail(f"adam_clip_step: {name} must have param's dtype {param.dtype}, got {t.dtype}")
-        if t.device != param.device:
-            fail(f"adam_clip_step: {name} must be on param's device {param.device}, got {t.device}")
         if not t.is_contiguous():
             fail(f"adam_clip_step: {name} must be contiguous (it is updated in place through its memory); "
-                  f"got stride {t.stride()}")
+                 f"got stride {t.stride()}")
     names = list(tensors)
     for i, a in enumerate(names):                      # an update written into grad or into the other moment
         for b in names[i + 1:]:                        # would be read back as input: refuse overlaps

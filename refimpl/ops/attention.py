@@ -24,24 +24,16 @@ import math
 
 import torch
 
-from refimpl.ops.contract import at_least_fp32, expect_float, fail
+from refimpl.ops.contract import at_least_fp32, Contract, fail
+
+
+ATTENTION = Contract("attention", q="B T H D", k="B S G D", v="B S G D")
 
 
 def check_attention_args(q, k, v, causal: bool, window: int | None):
     """Validate attention arguments; return (B, T, H, S, G, D)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        expect_float(name, t)
-        if t.dim() != 4:
-            fail(f"attention: {name} must be 4-D [B, T|S, heads, D], got shape {list(t.shape)}")
-    B, T, H, D = q.shape
-    Bk, S, G, Dk = k.shape
-    if k.shape != v.shape:
-        fail(f"attention: k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
-    if Bk != B or Dk != D:
-        fail(f"attention: k must be [B, S, G, D] = [{B}, S, G, {D}], got {list(k.shape)}")
-    if min(B, T, H, D) < 1 or S < 1:
-        fail(f"attention: every size must be >= 1, got q {list(q.shape)} and k {list(k.shape)}")
-    if G == 0 or H % G != 0:
+    B, T, H, D, S, G = ATTENTION.check(q=q, k=k, v=v)
+    if H % G != 0:
         fail(f"attention: query heads H={H} must be a multiple of key/value heads G={G}")
     if causal and T > S:
         fail(f"attention: causal attention needs T <= S (queries are the last T positions), got T={T}, S={S}")
@@ -50,8 +42,6 @@ def check_attention_args(q, k, v, causal: bool, window: int | None):
             fail("attention: a sliding window is only defined for causal attention")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             fail(f"attention: window must be a positive int (or None for full attention), got {window!r}")
-    if not (q.dtype == k.dtype == v.dtype):
-        fail(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     return B, T, H, S, G, D
 
 

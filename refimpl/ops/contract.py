@@ -44,59 +44,74 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _shape_of(value) -> str:
-    shape = getattr(value, "shape", None)
-    return str(list(shape)) if shape is not None else type(value).__name__
-
-
 class Contract:
     """The shapes of an op's tensor arguments, declared once; `check` binds and verifies them.
 
-    Contract(op, **shapes): each shape is a string of space-separated dimension letters (letters may
-    be words, "Dk"), ending in "?" if the argument may be None.
+        Contract(op, q="B T H K", ..., initial_state="B H V K?")
+        Contract(op, {"initial_state C": "B H Dv Dk?"})      # names that are not identifiers, as a dict
+
+    Each shape is a string of space-separated dimension letters (a letter may be a word, "Dk"); a leading
+    "..." allows any number of leading dimensions (RMSNorm's x [..., C]); a trailing "?" lets the argument
+    be None.
     """
 
-    def __init__(self, op: str, **shapes: str):
+    def __init__(self, op: str, shapes: dict[str, str] | None = None, **more: str):
         self.op = op
-        self.shapes: dict[str, tuple[tuple[str, ...], bool]] = {}
-        for name, spec in shapes.items():
+        self.shapes: dict[str, tuple[tuple[str, ...], bool, bool]] = {}
+        for name, spec in {**(shapes or {}), **more}.items():
             optional = spec.endswith("?")
-            letters = tuple(spec.rstrip("?").split())
-            if not letters:
-                raise ValueError(f"Contract {op}: {name} needs at least one dimension letter")
-            self.shapes[name] = (letters, optional)
-        self.letters: tuple[str, ...] = tuple(dict.fromkeys(l for ls, _ in self.shapes.values() for l in ls))
+            letters = spec.rstrip("?").split()
+            leading = bool(letters) and letters[0] == "..."
+            letters = tuple(letters[1:] if leading else letters)
+            if not letters or "..." in letters:
+                raise ValueError(f"Contract {op}: {name} needs dimension letters, with '...' only first, got {spec!r}")
+            self.shapes[name] = (letters, optional, leading)
+        self.letters: tuple[str, ...] = tuple(dict.fromkeys(l for ls, _, _ in self.shapes.values() for l in ls))
 
     def __repr__(self) -> str:
-        parts = ", ".join(f"{name} [{', '.join(ls)}]{'?' if opt else ''}" for name, (ls, opt) in self.shapes.items())
-        return f"{self.op}({parts})"
+        return f"{self.op}: " + ", ".join(f"{name} {self._written(name)}" for name in self.shapes)
 
-    def check(self, **tensors) -> tuple[int, ...]:
-        """Verify every declared argument (all must be passed); return the sizes, one per letter, in order."""
+    def _written(self, name: str, sizes: dict[str, int] | None = None) -> str:
+        letters, optional, leading = self.shapes[name]
+        shown = ("...",) * leading + letters
+        text = f"[{', '.join(shown)}]"
+        if sizes and any(l in sizes for l in letters):
+            text += f" = [{', '.join(('...',) * leading + tuple(str(sizes.get(l, l)) for l in letters))}]"
+        return text + ("?" if optional and sizes is None else "")
+
+    def check(self, tensors: dict | None = None, **more) -> tuple[int, ...]:
+        """Verify every declared argument (all must be passed, by name); return one size per letter, in the
+        order the letters first appear in the contract (0 for a letter only an absent optional argument has).
+
+        Refused, with the op, the argument, what was expected and what came: a non-tensor or non-float
+        tensor; a wrong number of dimensions, or a size that disagrees with the one its letter already has;
+        a dtype or device other than the first argument's; any size < 1."""
+        tensors = {**(tensors or {}), **more}
         if set(tensors) != set(self.shapes):
             raise TypeError(f"Contract {self.op}: check() takes exactly {sorted(self.shapes)}, got {sorted(tensors)}")
         sizes: dict[str, int] = {}
-        first = None
-        for name, (letters, optional) in self.shapes.items():
+        first: tuple[str, torch.Tensor] | None = None
+        for name, (letters, optional, leading) in self.shapes.items():
             t = tensors[name]
             if t is None and optional:
                 continue
-            expected = f"[{', '.join(letters)}]"
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-                fail(f"{self.op}: {name} must be a floating-point tensor {expected}, got {kind}")
-            bound = [str(sizes.get(l, l)) for l in letters]
-            if t.dim() != len(letters) or any(l in sizes and sizes[l] != n for l, n in zip(letters, t.shape)):
-                shown = expected if all(l not in sizes for l in letters) else f"{expected} = [{', '.join(bound)}]"
-                fail(f"{self.op}: {name} must be {shown}, got {list(t.shape)}")
-            for l, n in zip(letters, t.shape):
+                fail(f"{self.op}: {name} must be a floating-point tensor {self._written(name)}, got {kind}")
+            own = t.shape[t.dim() - len(letters):] if leading else t.shape
+            if (t.dim() < len(letters) if leading else t.dim() != len(letters)) or any(
+                    sizes.get(l, n) != n for l, n in zip(letters, own)):
+                fail(f"{self.op}: {name} must be {self._written(name, sizes)}, got {list(t.shape)}")
+            for l, n in zip(letters, own):
                 sizes.setdefault(l, n)
             if first is None:
                 first = (name, t)
-            elif t.dtype != first[1].dtype or t.device != first[1].device:
-                fail(f"{self.op}: {name} must share {first[0]}'s dtype and device ({first[1].dtype}, {first[1].device}), "
-                     f"got {t.dtype}, {t.device}")
-        empty = [f"{l}={n}" for l, n in sizes.items() if n < 1]
+            elif t.dtype != first[1].dtype:
+                fail(f"{self.op}: {name} must have {first[0]}'s dtype {first[1].dtype}, got {t.dtype}")
+            elif t.device != first[1].device:
+                fail(f"{self.op}: {name} must be on {first[0]}'s device {first[1].device} (one device for all), "
+                     f"got {t.device}")
+        empty = [f"{l} = {n}" for l, n in sizes.items() if n < 1]
         if empty:
             fail(f"{self.op}: every size must be >= 1, got {', '.join(empty)}")
-        return tuple(sizes[l] for l in self.letters if l in sizes)
+        return tuple(sizes.get(l, 0) for l in self.letters)

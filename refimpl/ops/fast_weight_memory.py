@@ -26,20 +26,16 @@ from __future__ import annotations
 
 import torch
 
+from refimpl.ops.contract import Contract
+
+
+FAST_WEIGHT_MEMORY = Contract("fast_weight_memory", q="B T H Dk", k="B T H Dk", v="B T H Dv", gate="B T H",
+                              initial_state="B H Dk Dv?")
+
 
 def check_fast_weight_args(q, k, v, gate, initial_state):
     """Validate the fast-weight memory's arguments; return (B, T, H, Dk, Dv)."""
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"fast_weight_memory: q and k must both be [B, T, H, Dk], got {list(q.shape)} and {list(k.shape)}")
-    B, T, H, Dk = q.shape
-    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H):
-        raise ValueError(f"fast_weight_memory: v must be [B, T, H, Dv] = [{B}, {T}, {H}, Dv], got {list(v.shape)}")
-    if tuple(gate.shape) != (B, T, H):
-        raise ValueError(f"fast_weight_memory: gate must be [B, T, H] = [{B}, {T}, {H}], got {list(gate.shape)}")
-    Dv = v.shape[3]
-    if initial_state is not None and tuple(initial_state.shape) != (B, H, Dk, Dv):
-        raise ValueError(f"fast_weight_memory: initial_state must be [B, H, Dk, Dv] = [{B}, {H}, {Dk}, {Dv}]")
-    return B, T, H, Dk, Dv
+    return FAST_WEIGHT_MEMORY.check(q=q, k=k, v=v, gate=gate, initial_state=initial_state)
 
 
 def fast_weight_memory_recurrent(q, k, v, gate, decay: float = 0.95, strength: float = 0.1, initial_state=None):

@@ -43,34 +43,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+from refimpl.ops.contract import Contract
+
+
+GATED_DELTA_RULE = Contract("gated_delta_rule", q="B T H K", k="B T H K", v="B T H V", g="B T H", beta="B T H",
+                            initial_state="B H V K?")
+
 
 def check_gated_delta_rule_args(q, k, v, g, beta, initial_state):
     """Validate the op's arguments; return (B, T, H, K, V)."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"gated_delta_rule: {name} must be a floating-point tensor")
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"gated_delta_rule: q and k must both be [B, T, H, K], got {list(q.shape)} and {list(k.shape)}")
-    B, T, H, K = q.shape
-    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H):
-        raise ValueError(f"gated_delta_rule: v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {list(v.shape)}")
-    V = v.shape[3]
-    for name, t in (("g", g), ("beta", beta)):
-        if tuple(t.shape) != (B, T, H):
-            raise ValueError(f"gated_delta_rule: {name} must be [B, T, H] = [{B}, {T}, {H}], got {list(t.shape)}")
-    if min(B, T, H, K, V) < 1:
-        raise ValueError(f"gated_delta_rule: every size must be >= 1, got q {list(q.shape)}, v {list(v.shape)}")
-    if initial_state is not None:
-        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != (B, H, V, K):
-            raise ValueError(f"gated_delta_rule: initial_state must be a tensor [B, H, V, K] = [{B}, {H}, {V}, {K}], "
-                             f"got {list(getattr(initial_state, 'shape', [])) or type(initial_state).__name__}")
-        if initial_state.dtype != q.dtype or initial_state.device != q.device:
-            raise ValueError(f"gated_delta_rule: initial_state must match q's dtype and device ({q.dtype}, {q.device}), "
-                             f"got {initial_state.dtype}, {initial_state.device}")
-    dtypes = {t.dtype for t in (q, k, v, g, beta)}
-    if len(dtypes) > 1:
-        raise ValueError(f"gated_delta_rule: q, k, v, g, beta must share a dtype, got {sorted(map(str, dtypes))}")
-    return B, T, H, K, V
+    return GATED_DELTA_RULE.check(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
 
 
 def _start_state(initial_state, B, H, V, K, like: torch.Tensor) -> torch.Tensor:

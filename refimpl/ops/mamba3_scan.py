@@ -65,6 +65,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from refimpl.ops.contract import Contract
+
 
 class Mamba3ScanState(NamedTuple):
     """What one scan call hands to the next. Any field may be None, which means zeros (a fresh start).
@@ -77,53 +79,28 @@ class Mamba3ScanState(NamedTuple):
     x_prev: torch.Tensor | None = None       # [B, H, R, P] the last token's input
 
 
+MAMBA3_SCAN = Contract("mamba3_scan", {
+    "x": "B T H R P", "dt": "B T H", "A": "B T H", "Bm": "B T H R N", "Cm": "B T H R N", "theta": "B T H K?",
+    "trap": "B T H?", "D": "H?", "initial_state.h": "B H P N?", "initial_state.angle": "B H K?",
+    "initial_state.B_prev": "B H R N?", "initial_state.x_prev": "B H R P?"})
+
+
 def check_mamba3_args(x, dt, A, Bm, Cm, theta, trap, D, initial_state):
     """Validate the scan's arguments; return (B, T, H, R, P, N, K), with K = 0 when theta is None."""
-    for name, t in (("x", x), ("dt", dt), ("A", A), ("B", Bm), ("C", Cm)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"mamba3_scan: {name} must be a floating-point tensor")
-    if x.dim() != 5:
-        raise ValueError(f"mamba3_scan: x must be [B, T, H, R, P], got {list(x.shape)}")
-    Bsz, T, H, R, P = x.shape
-    for name, t in (("dt", dt), ("A", A)):
-        if tuple(t.shape) != (Bsz, T, H):
-            raise ValueError(f"mamba3_scan: {name} must be [B, T, H] = [{Bsz}, {T}, {H}], got {list(t.shape)}")
-    if Bm.dim() != 5 or tuple(Bm.shape[:4]) != (Bsz, T, H, R):
-        raise ValueError(f"mamba3_scan: B must be [B, T, H, R, N] = [{Bsz}, {T}, {H}, {R}, N], got {list(Bm.shape)}")
-    N = Bm.shape[4]
-    if tuple(Cm.shape) != (Bsz, T, H, R, N):
-        raise ValueError(f"mamba3_scan: C must be [B, T, H, R, N] = [{Bsz}, {T}, {H}, {R}, {N}], got {list(Cm.shape)}")
-    if min(Bsz, T, H, R, P, N) < 1:
-        raise ValueError(f"mamba3_scan: every size must be >= 1, got x {list(x.shape)}, B {list(Bm.shape)}")
-    K = 0
-    if theta is not None:
-        if not isinstance(theta, torch.Tensor) or not theta.is_floating_point():
-            raise ValueError("mamba3_scan: theta must be a floating-point tensor or None")
-        K = theta.shape[-1] if theta.dim() == 4 else -1
-        if tuple(theta.shape[:3]) != (Bsz, T, H) or not 1 <= K <= N // 2:
-            raise ValueError(f"mamba3_scan: theta must be [B, T, H, K] = [{Bsz}, {T}, {H}, K] "
-                             f"with 1 <= K <= N/2 = {N // 2}, got {list(theta.shape)}")
-    if trap is not None and (not isinstance(trap, torch.Tensor) or tuple(trap.shape) != (Bsz, T, H)):
-        raise ValueError(f"mamba3_scan: trap must be [B, T, H] = [{Bsz}, {T}, {H}], "
-                         f"got {list(getattr(trap, 'shape', [])) or type(trap).__name__}")
-    if D is not None and (not isinstance(D, torch.Tensor) or tuple(D.shape) != (H,)):
-        raise ValueError(f"mamba3_scan: D must be [H] = [{H}], got {list(getattr(D, 'shape', [])) or type(D).__name__}")
-    if initial_state is not None:
-        if not isinstance(initial_state, Mamba3ScanState):
-            raise ValueError(f"mamba3_scan: initial_state must be a Mamba3ScanState or None, "
-                             f"got {type(initial_state).__name__}")
-        expected = {"h": ("[B, H, P, N]", (Bsz, H, P, N)), "angle": ("[B, H, K]", (Bsz, H, K)),
-                    "B_prev": ("[B, H, R, N]", (Bsz, H, R, N)), "x_prev": ("[B, H, R, P]", (Bsz, H, R, P))}
-        for name, (letters, shape) in expected.items():
-            t = getattr(initial_state, name)
-            if name == "angle" and theta is None:
-                continue                                   # no rotation in this call: the angle is passed through
-            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
-                raise ValueError(f"mamba3_scan: initial_state.{name} must be {letters} = {list(shape)}, "
-                                 f"got {list(getattr(t, 'shape', [])) or type(t).__name__}")
-        if (initial_state.B_prev is None) != (initial_state.x_prev is None):
-            raise ValueError("mamba3_scan: initial_state.B_prev and x_prev must be given together (or both None)")
-    return Bsz, T, H, R, P, N, K
+    if initial_state is not None and not isinstance(initial_state, Mamba3ScanState):
+        raise ValueError(f"mamba3_scan: initial_state must be a Mamba3ScanState or None, "
+                         f"got {type(initial_state).__name__}")
+    state = initial_state if initial_state is not None else Mamba3ScanState(None)
+    if (state.B_prev is None) != (state.x_prev is None):
+        raise ValueError("mamba3_scan: initial_state.B_prev and x_prev must be given together (or both None)")
+    sizes = MAMBA3_SCAN.check({
+        "x": x, "dt": dt, "A": A, "Bm": Bm, "Cm": Cm, "theta": theta, "trap": trap, "D": D, "initial_state.h": state.h,
+        "initial_state.angle": state.angle if theta is not None else None,   # no rotation: the angle passes through
+        "initial_state.B_prev": state.B_prev, "initial_state.x_prev": state.x_prev})
+    N, K = sizes[5], sizes[6]
+    if theta is not None and not 1 <= K <= N // 2:
+        raise ValueError(f"mamba3_scan: theta must be [B, T, H, K] with 1 <= K <= N/2 = {N // 2}, got {list(theta.shape)}")
+    return sizes
 
 
 def rotate_pairs(v: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:

@@ -43,29 +43,21 @@ import math
 
 import torch
 
+from refimpl.ops.contract import Contract
+
+
+MLSTM = Contract("mlstm", {"q": "B T H Dk", "k": "B T H Dk", "v": "B T H Dv", "i_pre": "B T H", "f_pre": "B T H",
+                           "initial_state C": "B H Dv Dk?", "initial_state n": "B H Dk?", "initial_state m": "B H?"})
+
 
 def check_mlstm_args(q, k, v, i_pre, f_pre, initial_state):
     """Validate the mLSTM's arguments; return (B, T, H, Dk, Dv)."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("i_pre", i_pre), ("f_pre", f_pre)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"mlstm: {name} must be a floating-point tensor")
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"mlstm: q and k must both be [B, T, H, Dk], got {list(q.shape)} and {list(k.shape)}")
-    B, T, H, Dk = q.shape
-    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H):
-        raise ValueError(f"mlstm: v must be [B, T, H, Dv] = [{B}, {T}, {H}, Dv], got {list(v.shape)}")
-    for name, t in (("i_pre", i_pre), ("f_pre", f_pre)):
-        if tuple(t.shape) != (B, T, H):
-            raise ValueError(f"mlstm: {name} must be [B, T, H] = [{B}, {T}, {H}], got {list(t.shape)}")
-    Dv = v.shape[3]
-    if min(B, T, H, Dk, Dv) < 1:
-        raise ValueError("mlstm: every size must be >= 1")
-    if initial_state is not None:
-        C, n, m = initial_state
-        if tuple(C.shape) != (B, H, Dv, Dk) or tuple(n.shape) != (B, H, Dk) or tuple(m.shape) != (B, H):
-            raise ValueError(f"mlstm: initial_state must be (C [B, H, Dv, Dk], n [B, H, Dk], m [B, H]) = "
-                             f"([{B}, {H}, {Dv}, {Dk}], [{B}, {H}, {Dk}], [{B}, {H}])")
-    return B, T, H, Dk, Dv
+    if initial_state is not None and (not isinstance(initial_state, (tuple, list)) or len(initial_state) != 3
+                                      or any(t is None for t in initial_state)):
+        raise ValueError("mlstm: initial_state must be None or a tuple of three tensors (C, n, m)")
+    C, n, m = initial_state if initial_state is not None else (None, None, None)
+    return MLSTM.check({"q": q, "k": k, "v": v, "i_pre": i_pre, "f_pre": f_pre,
+                        "initial_state C": C, "initial_state n": n, "initial_state m": m})
 
 
 def mlstm_recurrent(q, k, v, i_pre, f_pre, initial_state=None, stabilised: bool = True,

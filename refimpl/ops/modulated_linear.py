@@ -35,32 +35,16 @@ from __future__ import annotations
 
 import torch
 
+from refimpl.ops.contract import Contract
+
+
+MODULATED_LINEAR = Contract("modulated_linear", x="N I", weight="O I", U="M O r", V="M I r", P="M O r", Q="M I r",
+                            cos="N M", sin="N M")
+
 
 def check_modulated_linear_args(x, weight, U, V, P, Q, cos, sin):
     """Validate `modulated_linear`'s arguments; return (N, I, O, M, r)."""
-    named = (("x", x), ("weight", weight), ("U", U), ("V", V), ("P", P), ("Q", Q), ("cos", cos), ("sin", sin))
-    for name, t in named:
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"modulated_linear: {name} must be a floating-point tensor, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)}")
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"modulated_linear: need x [N, I] and weight [O, I], got {list(x.shape)} and {list(weight.shape)}")
-    N, I = x.shape
-    O = weight.shape[0]
-    if U.dim() != 3 or U.shape[1] != O:
-        raise ValueError(f"modulated_linear: U must be [M, O, r] with O = {O}, got {list(U.shape)}")
-    M, _, r = U.shape
-    expected = {"V": (M, I, r), "P": (M, O, r), "Q": (M, I, r), "cos": (N, M), "sin": (N, M)}
-    for name, t in named[3:]:
-        if tuple(t.shape) != expected[name]:
-            raise ValueError(f"modulated_linear: {name} must be {list(expected[name])} (M = {M}, r = {r}, N = {N}, "
-                             f"I = {I}, O = {O}), got {list(t.shape)}")
-    if min(N, I, O, M, r) < 1:
-        raise ValueError(f"modulated_linear: every size must be >= 1, got N={N}, I={I}, O={O}, M={M}, r={r}")
-    dtypes = {t.dtype for _, t in named}
-    if len(dtypes) > 1:
-        raise ValueError(f"modulated_linear: all arguments must share a dtype, got {sorted(map(str, dtypes))}")
-    return N, I, O, M, r
+    return MODULATED_LINEAR.check(x=x, weight=weight, U=U, V=V, P=P, Q=Q, cos=cos, sin=sin)
 
 
 def modulated_linear(x, weight, U, V, P, Q, cos, sin):

@@ -19,28 +19,34 @@ from __future__ import annotations
 
 import torch
 
-from refimpl.ops.contract import expect_float, fail
+from refimpl.ops.contract import Contract, fail
+
+
+MOE_DISPATCH = Contract("moe_dispatch", x="N C")
+MOE_COMBINE = Contract("moe_combine", expert_out="Nk C", weight="N k")
+
+
+def _check_int(op: str, name: str, t, shape: tuple[int, ...], letters: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+        fail(f"{op}: {name} must be an int32/int64 tensor [{letters}]")
+    if tuple(t.shape) != shape:
+        fail(f"{op}: {name} must be [{letters}] = {list(shape)}, got {list(t.shape)}")
 
 
 def check_moe_dispatch_args(x, expert_index, n_experts: int):
     """Validate dispatch arguments; return (N, C, k)."""
-    expect_float("x", x)
-    if x.dim() != 2:
-        fail(f"moe_dispatch: x must be 2-D [N, C], got shape {list(x.shape)}")
-    if x.shape[0] < 1:
-        fail("moe_dispatch: x must hold at least one token (N >= 1)")
-    if not isinstance(expert_index, torch.Tensor) or expert_index.dtype not in (torch.int32, torch.int64):
-        fail("moe_dispatch: expert_index must be an int32/int64 tensor [N, k]")
-    if expert_index.dim() != 2 or expert_index.shape[0] != x.shape[0] or expert_index.shape[1] < 1:
-        fail(f"moe_dispatch: expert_index must be [N, k] with N = {x.shape[0]} and k >= 1, got {list(expert_index.shape)}")
-    if x.shape[1] < 1:
-        fail("moe_dispatch: x must have width C >= 1")
+    N, C = MOE_DISPATCH.check(x=x)
+    k = expert_index.shape[1] if isinstance(expert_index, torch.Tensor) and expert_index.dim() == 2 else 0
+    if k < 1:
+        fail(f"moe_dispatch: expert_index must be [N, k] with N = {N} and k >= 1, "
+             f"got {list(getattr(expert_index, 'shape', [])) or type(expert_index).__name__}")
+    _check_int("moe_dispatch", "expert_index", expert_index, (N, k), "N, k")
     if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
         fail(f"moe_dispatch: n_experts must be a positive int, got {n_experts!r}")
-    if expert_index.numel() and (expert_index.min() < 0 or expert_index.max() >= n_experts):
+    if expert_index.min() < 0 or expert_index.max() >= n_experts:
         fail(f"moe_dispatch: expert_index values must lie in [0, {n_experts}), "
-              f"got range [{int(expert_index.min())}, {int(expert_index.max())}]")
-    return x.shape[0], x.shape[1], expert_index.shape[1]
+             f"got range [{int(expert_index.min())}, {int(expert_index.max())}]")
+    return N, C, k
 
 
 def moe_dispatch(x: torch.Tensor, expert_index: torch.Tensor, n_experts: int):
@@ -65,22 +71,13 @@ def moe_dispatch(x: torch.Tensor, expert_index: torch.Tensor, n_experts: int):
 
 def check_moe_combine_args(expert_out, slot, weight):
     """Validate combine arguments; return (N, C, k)."""
-    expect_float("expert_out", expert_out)
-    expect_float("weight", weight)
-    if expert_out.dim() != 2:
-        fail(f"moe_combine: expert_out must be 2-D [N*k, C], got shape {list(expert_out.shape)}")
-    if weight.dim() != 2:
-        fail(f"moe_combine: weight must be 2-D [N, k], got shape {list(weight.shape)}")
-    N, k = weight.shape
-    if N < 1 or k < 1 or expert_out.shape[1] < 1:
-        fail(f"moe_combine: need N, k, C >= 1, got weight {list(weight.shape)} and expert_out {list(expert_out.shape)}")
-    if not isinstance(slot, torch.Tensor) or slot.dtype not in (torch.int32, torch.int64) or tuple(slot.shape) != (N, k):
-        fail(f"moe_combine: slot must be an int tensor of shape [N, k] = [{N}, {k}]")
-    if expert_out.shape[0] != N * k:
-        fail(f"moe_combine: expert_out must have N*k = {N * k} rows, got {expert_out.shape[0]}")
-    if slot.numel() and (slot.min() < 0 or slot.max() >= N * k):
+    Nk, C, N, k = MOE_COMBINE.check(expert_out=expert_out, weight=weight)
+    if Nk != N * k:
+        fail(f"moe_combine: expert_out must have N*k = {N * k} rows, got {Nk}")
+    _check_int("moe_combine", "slot", slot, (N, k), "N, k")
+    if slot.min() < 0 or slot.max() >= N * k:
         fail(f"moe_combine: slot values must lie in [0, {N * k})")
-    return N, expert_out.shape[1], k
+    return N, C, k
 
 
 def moe_combine(expert_out: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

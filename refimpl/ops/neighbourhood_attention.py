@@ -45,9 +45,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from refimpl.ops.contract import at_least_fp32, fail
+from refimpl.ops.contract import at_least_fp32, Contract, fail
 
-SHAPE = "[B, X, Y, Z, H, D]"   # what q, k, v and the output look like
 
 
 def _check_radius(op: str, radius) -> None:
@@ -62,28 +61,14 @@ def _check_grid(op: str, X, Y, Z, radius) -> None:
     _check_radius(op, radius)
 
 
+NEIGHBOURHOOD_ATTENTION = Contract("neighbourhood_attention", q="B X Y Z H D", k="B X Y Z H D", v="B X Y Z H D")
+
+
 def check_neighbourhood_attention_args(q, k, v, radius) -> tuple[int, int, int, int, int, int]:
     """Validate neighbourhood-attention arguments; return (B, X, Y, Z, H, D)."""
-    op = "neighbourhood_attention"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            fail(f"{op}: {name} must be a torch.Tensor {SHAPE}, got {type(t).__name__}")
-        if not t.is_floating_point():
-            fail(f"{op}: {name} must be a floating-point tensor {SHAPE}, got {t.dtype}")
-        if t.dim() != 6:
-            fail(f"{op}: {name} must be 6-D {SHAPE}, got shape {list(t.shape)}")
-    if not (q.shape == k.shape == v.shape):
-        fail(f"{op}: q, k, v must have the same shape {SHAPE}, "
-              f"got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
-    if min(q.shape) < 1:
-        fail(f"{op}: every size of {SHAPE} must be >= 1, got {list(q.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        fail(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        fail(f"{op}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    _check_radius(op, radius)
-    B, X, Y, Z, H, D = q.shape
-    return B, X, Y, Z, H, D
+    sizes = NEIGHBOURHOOD_ATTENTION.check(q=q, k=k, v=v)
+    _check_radius("neighbourhood_attention", radius)
+    return sizes
 
 
 # ----------------------------------------------------------------------------

@@ -17,20 +17,18 @@ import math
 
 import torch
 
-from refimpl.ops.contract import at_least_fp32, expect_float, fail
+from refimpl.ops.contract import at_least_fp32, Contract, fail
+
+
+RMS_NORM = Contract("rms_norm", x="... C", weight="C")
 
 
 def check_rms_norm_args(x: torch.Tensor, weight: torch.Tensor, eps: float) -> int:
     """Validate RMSNorm arguments; return the normalised width C."""
-    expect_float("x", x)
-    expect_float("weight", weight)
-    if x.dim() < 1 or x.shape[-1] < 1:
-        fail(f"rms_norm: x must be [..., C] with C >= 1, got shape {list(x.shape)}")
-    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        fail(f"rms_norm: weight must have shape [C] = [{x.shape[-1]}], got {list(weight.shape)}")
-    if not (eps > 0 and math.isfinite(eps)):
-        fail(f"rms_norm: eps must be a positive finite number, got {eps}")
-    return x.shape[-1]
+    (C,) = RMS_NORM.check(x=x, weight=weight)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+        fail(f"rms_norm: eps must be a positive finite number, got {eps!r}")
+    return C
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

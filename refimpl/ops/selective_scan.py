@@ -25,29 +25,16 @@ from __future__ import annotations
 
 import torch
 
+from refimpl.ops.contract import Contract
+
+
+SELECTIVE_SCAN = Contract("selective_scan", u="B T Dm", delta="B T Dm", A="Dm N", Bm="B T N", Cm="B T N", D="Dm?",
+                          initial_state="B Dm N?")
+
 
 def check_selective_scan_args(u, delta, A, Bm, Cm, D, initial_state):
     """Validate the scan's arguments; return (B, T, Dm, N)."""
-    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", Bm), ("C", Cm)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"selective_scan: {name} must be a floating-point tensor")
-    if u.dim() != 3 or delta.shape != u.shape:
-        raise ValueError(f"selective_scan: u and delta must both be [B, T, Dm], got {list(u.shape)} and {list(delta.shape)}")
-    Bsz, T, Dm = u.shape
-    if A.dim() != 2 or A.shape[0] != Dm:
-        raise ValueError(f"selective_scan: A must be [Dm, N] with Dm = {Dm}, got {list(A.shape)}")
-    N = A.shape[1]
-    for name, t in (("B", Bm), ("C", Cm)):
-        if tuple(t.shape) != (Bsz, T, N):
-            raise ValueError(f"selective_scan: {name} must be [B, T, N] = [{Bsz}, {T}, {N}], got {list(t.shape)}")
-    if D is not None and tuple(D.shape) != (Dm,):
-        raise ValueError(f"selective_scan: D must be [Dm] = [{Dm}], got {list(D.shape)}")
-    if initial_state is not None and tuple(initial_state.shape) != (Bsz, Dm, N):
-        raise ValueError(f"selective_scan: initial_state must be [B, Dm, N] = [{Bsz}, {Dm}, {N}], "
-                         f"got {list(initial_state.shape)}")
-    if min(Bsz, T, Dm, N) < 1:
-        raise ValueError("selective_scan: every size must be >= 1")
-    return Bsz, T, Dm, N
+    return SELECTIVE_SCAN.check(u=u, delta=delta, A=A, Bm=Bm, Cm=Cm, D=D, initial_state=initial_state)
 
 
 def selective_scan_recurrent(u, delta, A, Bm, Cm, D=None, initial_state=None):

@@ -23,12 +23,15 @@ import math
 
 import torch
 
+from refimpl.ops.contract import Contract
+
+
+TASK_VECTORS = Contract("ties_merge", tau="K P")
+
 
 def check_ties_merge_args(tau: torch.Tensor) -> None:
     """Validate task vectors: a float tensor [K, P] with K, P >= 1."""
-    if not isinstance(tau, torch.Tensor) or tau.dim() != 2 or not tau.is_floating_point() or min(tau.shape) < 1:
-        raise ValueError(f"task vectors must be a float tensor [K, P] with K, P >= 1, got "
-                         f"{getattr(tau, 'dtype', type(tau).__name__)} {list(getattr(tau, 'shape', []))}")
+    TASK_VECTORS.check(tau=tau)
 
 
 def average(tau: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from refimpl.ops.contract import at_least_fp32, fail
+from refimpl.ops.contract import at_least_fp32, Contract
 
 
 #: the expanded-form search scores at most this many (row, code) pairs at once: chunks of
@@ -24,23 +24,13 @@ from refimpl.ops.contract import at_least_fp32, fail
 SEARCH_CHUNK_ELEMENTS = 2 ** 24
 
 
+VQ_NEAREST = Contract("vq_nearest", z="N C", codebook="K C")
+
+
 def check_vq_nearest_args(z, codebook) -> tuple[int, int, int]:
     """Validate `vq_nearest`'s arguments; return (N, K, C)."""
-    for name, t, shape in (("z", z, "[N, C]"), ("codebook", codebook, "[K, C]")):
-        if not isinstance(t, torch.Tensor):
-            fail(f"vq_nearest: {name} must be a torch.Tensor {shape}, got {type(t).__name__}")
-        if not t.is_floating_point():
-            fail(f"vq_nearest: {name} must be a floating-point tensor {shape}, got {t.dtype}")
-    if z.dim() != 2 or z.shape[0] < 1 or z.shape[1] < 1:
-        fail(f"vq_nearest: z must be [N, C] with N, C >= 1, got shape {list(z.shape)}")
-    N, C = z.shape
-    if codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] != C:
-        fail(f"vq_nearest: codebook must be [K, C] = [K, {C}] with K >= 1, got shape {list(codebook.shape)}")
-    if codebook.dtype != z.dtype:
-        fail(f"vq_nearest: codebook must have z's dtype {z.dtype}, got {codebook.dtype}")
-    if codebook.device != z.device:
-        fail(f"vq_nearest: z and codebook must be on one device, got z on {z.device}, codebook on {codebook.device}")
-    return N, codebook.shape[0], C
+    N, C, K = VQ_NEAREST.check(z=z, codebook=codebook)
+    return N, K, C
 
 
 @torch.no_grad()

@@ -222,9 +222,9 @@ def test_flat_adam_with_the_numba_kernel_equals_the_reference():
 def test_adam_bad_arguments_are_value_errors(backend):
     step_fn = kernels.get("adam_clip_step", backend)
     p, m, v, (g,), _ = _run_inputs(8, 1, torch.float32, "cpu", False)
-    with pytest.raises(ValueError, match=r"grad must have shape \[N\] = \[8\] like param, got \[7\]"):
+    with pytest.raises(ValueError, match=r"grad must be \[N\] = \[8\], got \[7\]"):
         step_fn(p, g[:7], m, v, step=1)
-    with pytest.raises(ValueError, match=r"exp_avg must be a flat 1-D buffer \[N\], got shape \[2, 4\]"):
+    with pytest.raises(ValueError, match=r"exp_avg must be \[N\] = \[8\], got \[2, 4\]"):
         step_fn(p, g, m.view(2, 4), v, step=1)
     with pytest.raises(ValueError, match="exp_avg_sq must have param's dtype torch.float32, got torch.float64"):
         step_fn(p, g, m, v.double(), step=1)
@@ -240,7 +240,7 @@ def test_adam_bad_arguments_are_value_errors(backend):
         step_fn(p, g, m, v, step=1, max_norm=-1.0)
     with pytest.raises(ValueError, match="weight_decay must be >= 0"):
         step_fn(p, g, m, v, step=1, weight_decay=-0.1)
-    with pytest.raises(ValueError, match="the buffers are empty"):
+    with pytest.raises(ValueError, match="every size must be >= 1, got N = 0"):
         step_fn(p[:0], g[:0], m[:0], v[:0], step=1)
 
 

@@ -101,11 +101,11 @@ def test_bad_arguments_are_value_errors():
         gated_delta_rule_recurrent(q, q, torch.randn(1, 4, 3, 3), g, g)
     with pytest.raises(ValueError, match=r"beta must be \[B, T, H\]"):
         gated_delta_rule_chunked(q, q, v, g, torch.zeros(1, 4))
-    with pytest.raises(ValueError, match=r"initial_state must be a tensor \[B, H, V, K\]"):
+    with pytest.raises(ValueError, match=r"initial_state must be \[B, H, V, K\]"):
         gated_delta_rule_chunked(q, q, v, g, g, torch.zeros(1, 2, 8, 3))
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         gated_delta_rule_chunked(q, q, v, g, g, chunk_size=0)
-    with pytest.raises(ValueError, match="initial_state must match q's dtype"):
+    with pytest.raises(ValueError, match="initial_state must have q's dtype"):
         gated_delta_rule_recurrent(q, q, v, g, g, torch.zeros(1, 2, 3, 8, dtype=torch.float64))
 
 
@@ -162,7 +162,7 @@ def test_gated_delta_rule_kernel_without_initial_state():
 
 def test_gated_delta_rule_kernel_bad_input():
     q, k, v, g, beta, state = _inputs(CASES["B1-T17-H1-K8-V1"], torch.float32)
-    with pytest.raises(ValueError, match="initial_state must match q's dtype"):
+    with pytest.raises(ValueError, match="initial_state must have q's dtype"):
         kernels.get("gated_delta_rule", "numba")(q, k, v, g, beta, state.double())
     with pytest.raises(ValueError, match="cpu tensor but cupy kernels run on a CUDA GPU"):
         kernels.get("gated_delta_rule", "cupy")(q, k, v, g, beta, state)

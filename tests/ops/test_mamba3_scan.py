@@ -254,7 +254,7 @@ def test_mamba3_bad_shapes_are_value_errors(backend):
     (x, dt, A, Bm, Cm, theta, trap, D), state = _inputs(2, 5, 3, 2, 4, 6, 2, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"dt must be \[B, T, H\]"):
         scan(x, dt[:, :4], A, Bm, Cm)
-    with pytest.raises(ValueError, match=r"C must be \[B, T, H, R, N\]"):
+    with pytest.raises(ValueError, match=r"Cm must be \[B, T, H, R, N\]"):
         scan(x, dt, A, Bm, Cm[..., :5])
     with pytest.raises(ValueError, match=r"theta must be \[B, T, H, K\] .* K <= N/2 = 3"):
         scan(x, dt, A, Bm, Cm, torch.zeros(2, 5, 3, 4))
@@ -275,9 +275,9 @@ def test_mamba3_kernels_refuse_wrong_dtypes_devices_and_gradients():
     numba_scan = kernels.get("mamba3_scan", "numba")
     with pytest.raises(ValueError, match="x must be float32, float64, got bfloat16"):
         numba_scan(*(t.bfloat16() for t in (x, dt, A, Bm, Cm)))
-    with pytest.raises(ValueError, match="theta must be float32, got float64"):
+    with pytest.raises(ValueError, match="theta must have x's dtype torch.float32, got torch.float64"):
         numba_scan(x, dt, A, Bm, Cm, theta.double())                   # one dtype for every input
-    with pytest.raises(ValueError, match="initial_state.x_prev must be float32, got float64"):
+    with pytest.raises(ValueError, match="initial_state.x_prev must have x's dtype torch.float32, got torch.float64"):
         numba_scan(x, dt, A, Bm, Cm, theta, trap, D, state._replace(x_prev=state.x_prev.double()))
     with pytest.raises(ValueError, match="x must be float32, got float64"):
         kernels.get("mamba3_scan", "numba_cuda")(*(t.double() for t in (x, dt, A, Bm, Cm)))

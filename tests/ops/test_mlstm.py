@@ -231,9 +231,9 @@ def test_mlstm_bad_input_is_a_value_error():
         numba_kernel(q, k, v[:, :3], i_pre, f_pre)
     with pytest.raises(ValueError, match=r"f_pre must be \[B, T, H\]"):
         numba_kernel(q, k, v, i_pre, f_pre[..., None])
-    with pytest.raises(ValueError, match="initial_state must be"):
+    with pytest.raises(ValueError, match="initial_state [Cnm] must be"):
         numba_kernel(q, k, v, i_pre, f_pre, (C, n, m[:, :1]))
-    with pytest.raises(ValueError, match="initial n must match q's dtype float32, got float64"):
+    with pytest.raises(ValueError, match="initial_state n must have q's dtype torch.float32, got torch.float64"):
         numba_kernel(q, k, v, i_pre, f_pre, (C, n.double(), m))
     with pytest.raises(ValueError, match="must be float32, float64, got bfloat16"):
         numba_kernel(*(t.bfloat16() for t in (q, k, v, i_pre, f_pre)))

@@ -128,19 +128,19 @@ def test_modulated_linear_bad_shapes_are_value_errors(backend):
     """The shape checks come before the device checks, so these run on any machine."""
     op = kernels.get("modulated_linear", backend)
     x, weight, U, V, P, Q, cos, sin = _inputs(4, 5, 6, 3, 2, torch.float32, "cpu")
-    with pytest.raises(ValueError, match=r"V must be \[3, 5, 2\]"):
+    with pytest.raises(ValueError, match=r"V must be \[M, I, r\] = \[3, 5, 2\]"):
         op(x, weight, U, V[:, :4], P, Q, cos, sin)
-    with pytest.raises(ValueError, match=r"P must be \[3, 6, 2\]"):
+    with pytest.raises(ValueError, match=r"P must be \[M, O, r\] = \[3, 6, 2\]"):
         op(x, weight, U, V, P[:, :, :1], Q, cos, sin)
-    with pytest.raises(ValueError, match=r"sin must be \[4, 3\]"):
+    with pytest.raises(ValueError, match=r"sin must be \[N, M\] = \[4, 3\]"):
         op(x, weight, U, V, P, Q, cos, sin.T)
-    with pytest.raises(ValueError, match=r"U must be \[M, O, r\] with O = 6"):
+    with pytest.raises(ValueError, match=r"U must be \[M, O, r\] = \[M, 6, r\], got \[3, 5, 2\]"):
         op(x, weight, U[:, :5], V, P, Q, cos, sin)
-    with pytest.raises(ValueError, match=r"need x \[N, I\] and weight \[O, I\]"):
+    with pytest.raises(ValueError, match=r"weight must be \[O, I\] = \[O, 5\], got \[6, 4\]"):
         op(x, weight[:, :4], U, V, P, Q, cos, sin)
     with pytest.raises(ValueError, match="every size must be >= 1"):
         op(x[:0], weight, U, V, P, Q, cos[:0], sin[:0])
-    with pytest.raises(ValueError, match="all arguments must share a dtype"):
+    with pytest.raises(ValueError, match="weight must have x's dtype torch.float32, got torch.float64"):
         op(x, weight.double(), U, V, P, Q, cos, sin)
 
 

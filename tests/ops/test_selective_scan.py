@@ -164,7 +164,7 @@ def test_selective_scan_bad_shapes_are_value_errors(backend):
     u, delta, A, Bm, Cm, D, h0 = _scan_inputs(2, 5, 3, 4, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"A must be \[Dm, N\]"):
         scan(u, delta, A.T, Bm, Cm)
-    with pytest.raises(ValueError, match=r"C must be \[B, T, N\]"):
+    with pytest.raises(ValueError, match=r"Cm must be \[B, T, N\]"):
         scan(u, delta, A, Bm, Cm[:, :3])
     with pytest.raises(ValueError, match=r"initial_state must be \[B, Dm, N\]"):
         scan(u, delta, A, Bm, Cm, D, h0[:1])
@@ -179,7 +179,7 @@ def test_selective_scan_kernels_refuse_wrong_dtypes_and_gradients():
     numba_scan = kernels.get("selective_scan", "numba")
     with pytest.raises(ValueError, match="u must be float32, float64, got bfloat16"):
         numba_scan(*(t.bfloat16() for t in (u, delta, A, Bm, Cm)))
-    with pytest.raises(ValueError, match="A must be float32, got float64"):
+    with pytest.raises(ValueError, match="A must have u's dtype torch.float32, got torch.float64"):
         numba_scan(u, delta, A.double(), Bm, Cm)                  # one dtype for every input
     with pytest.raises(ValueError, match="u must be float32, got float64"):
         kernels.get("selective_scan", "numba_cuda")(*(t.double() for t in (u, delta, A, Bm, Cm)))

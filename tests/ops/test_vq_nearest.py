@@ -182,11 +182,11 @@ def test_vector_quantizer_with_numba_vq_nearest_equals_reference():
 def test_vq_nearest_bad_shapes_are_value_errors(backend):
     search = kernels.get("vq_nearest", backend)
     z, codebook = _inputs(4, 6, 3, torch.float32, "cpu")
-    with pytest.raises(ValueError, match=r"z must be \[N, C\] with N, C >= 1, got shape \[4, 3, 1\]"):
+    with pytest.raises(ValueError, match=r"z must be \[N, C\], got \[4, 3, 1\]"):
         search(z[..., None], codebook)
-    with pytest.raises(ValueError, match=r"codebook must be \[K, C\] = \[K, 3\] with K >= 1, got shape \[6, 2\]"):
+    with pytest.raises(ValueError, match=r"codebook must be \[K, C\] = \[K, 3\], got \[6, 2\]"):
         search(z, codebook[:, :2])
-    with pytest.raises(ValueError, match=r"codebook must be \[K, C\] = \[K, 3\] with K >= 1, got shape \[0, 3\]"):
+    with pytest.raises(ValueError, match=r"every size must be >= 1, got K = 0"):
         search(z, codebook[:0])
     with pytest.raises(ValueError, match=r"z must be a floating-point tensor \[N, C\], got torch.int32"):
         search(z.int(), codebook)
