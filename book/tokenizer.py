@@ -21,9 +21,21 @@ class ByteTokenizer:
         return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
 
     def decode(self, ids) -> str:
-        """[L] ids (tensor or list of ints in 0..255) -> str."""
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        bad = [i for i in ids if not 0 <= int(i) < 256]
+        """[L] ids (an integer tensor, or a sequence of ints, in 0..255) -> str.
+
+        Anything else is refused, not rounded: a float id (1.7), a bool, a float tensor, a string."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool or ids.dim() > 1:
+                raise ValueError(f"ByteTokenizer.decode expects a 1-D integer tensor of ids, got {ids.dtype} "
+                                 f"{list(ids.shape)}")
+            ids = ids.tolist()
+        elif isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise ValueError(f"ByteTokenizer.decode expects a sequence of int ids, got {type(ids).__name__}")
+        ids = list(ids)
+        not_ints = [i for i in ids if isinstance(i, bool) or not isinstance(i, int)]
+        if not_ints:
+            raise ValueError(f"ByteTokenizer.decode: ids must be ints, got e.g. {not_ints[:3]}")
+        bad = [i for i in ids if not 0 <= i < 256]
         if bad:
             raise ValueError(f"ByteTokenizer.decode: ids must lie in 0..255, got e.g. {bad[:3]}")
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        return bytes(ids).decode("utf-8", errors="replace")

@@ -139,8 +139,15 @@ class BaselineLM(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample continuation bytes with a KV cache: [B, T0] -> [B, T0 + max_new_tokens]."""
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+                temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"generate: temperature must be a finite number > 0, got {temperature!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        V = self.cfg.vocab_size
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= V):
+            raise ValueError(f"generate: top_k must be None (sample from every token) or an int in [1, {V}], "
+                             f"got {top_k!r}")
         caches = [KVCache() for _ in self.blocks]
         logits, _ = self(idx, caches=caches)
         out = [idx]

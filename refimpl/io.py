@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import json
 import lzma
@@ -13,11 +15,68 @@ from pathlib import Path
 import torch
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                       # it exists, under another user
+        return True
+    return True
+
+
+def temporary_name_prefix(path: Path) -> str:
+    """What this process's temporary files for `path` start with: `.name.<pid>.` (the pid says whose they are)."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_dead_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files (and SQLite journals) that a writer of `path` left when it died; return them.
+
+    A temporary is `.name.<pid>.<random>.tmp` (or that with `-journal`): only those whose writer process no
+    longer exists are removed, never a live writer's (in this process or another)."""
+    path = Path(path)
+    removed = []
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
+        pid = candidate.name[len(path.name) + 2:].split(".", 1)[0]
+        if (candidate.name.endswith((".tmp", ".tmp-journal")) and pid.isdigit() and int(pid) != os.getpid()
+                and not _alive(int(pid))):
+            try:
+                candidate.unlink()
+                removed.append(candidate)
+            except FileNotFoundError:              # another process cleaned it first
+                pass
+    return removed
+
+
+def hold_writer_lock(lock_path: str | os.PathLike, refusal: str):
+    """Take an exclusive OS lock (flock) on `lock_path` without waiting, and return the open file that holds
+    it (the lock goes when the file is closed or the process dies). A second writer, in this process or
+    another, gets RuntimeError(refusal), with "{holder}" in it replaced by the holder's pid."""
+    lock_path = Path(lock_path)
+    lock_file = open(lock_path, "a+")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "unknown"
+        lock_file.close()
+        raise RuntimeError(refusal.replace("{holder}", holder)) from None
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(str(os.getpid()))
+    lock_file.flush()
+    return lock_file
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` so a reader sees the old file or the new one, never half of one."""
+    """Write `data` to `path` so a reader sees the old file or the new one, never half of one. Temporaries
+    that a dead writer of `path` left behind are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_dead_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_name_prefix(path), suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)                      # mkstemp makes the file private (0600); these are for reading
         with os.fdopen(fd, "wb") as f:

@@ -77,7 +77,6 @@ the temp files a store removes when it opens can only be a dead writer's.
 from __future__ import annotations
 
 import concurrent.futures
-import fcntl
 import os
 import re
 import threading
@@ -86,7 +85,7 @@ from pathlib import Path
 
 import torch
 
-from refimpl.io import _DTYPES, compression_name, read_tensors, tensor_file_bytes, write_tensors
+from refimpl.io import _DTYPES, compression_name, hold_writer_lock, read_tensors, tensor_file_bytes, write_tensors
 
 BLOCK_SUFFIX = ".blk"                 # the disk tier's files: <key>.blk
 LOCK_NAME = ".tieredstore.lock"        # the writer lock's file (its name starts with ".": never a key)
@@ -104,20 +103,9 @@ def block_nbytes(block: dict[str, torch.Tensor]) -> int:
 def _lock_directory(directory: Path):
     """Take the directory's writer lock (an OS lock on LOCK_NAME, released when the returned file is closed,
     or when the process dies); a second store on the same directory, in this process or another, is refused."""
-    lock_file = open(directory / LOCK_NAME, "a+")
-    try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock_file.seek(0)
-        holder = lock_file.read().strip() or "unknown"
-        lock_file.close()
-        raise RuntimeError(f"TieredStore: {directory} is already open in another TieredStore (process {holder}); "
-                           "one store per directory at a time: close that one first") from None
-    lock_file.seek(0)
-    lock_file.truncate()
-    lock_file.write(str(os.getpid()))
-    lock_file.flush()
-    return lock_file
+    return hold_writer_lock(directory / LOCK_NAME,
+                            f"TieredStore: {directory} is already open in another TieredStore (process {{holder}}); "
+                            "one store per directory at a time: close that one first")
 
 
 def _fast_device(device) -> torch.device:
@@ -206,7 +194,7 @@ class TieredStore:
 
     def _scan_directory(self) -> list[str]:
         """Index the block files already in the directory; delete the temp files a crash left behind.
-        refimpl.io.atomic_write_bytes names its temp files ".<name>.<random>.tmp" and only renames one
+        refimpl.io.atomic_write_bytes names its temp files ".<name>.<pid>.<random>.tmp" and only renames one
         to <name> once it is complete and fsynced, so a temp file is never a block. Other files are
         left alone."""
         removed = []

@@ -30,6 +30,7 @@ from refimpl import ops
 from refimpl.blocks import (ExpertPool, RMSNorm, check_targets, check_token_ids, config_from_preset, count_parameters,
                             init_lm_weights, load_balancing_loss)
 from refimpl.config import check_fields, choice, flag, number, whole
+from refimpl.io import hold_writer_lock, remove_dead_temporaries, temporary_name_prefix
 from refimpl.ssm import MambaLayer, MambaState
 
 
@@ -144,11 +145,17 @@ class HebbianPathways:
     named like "0+3") gains `lr`, then every strength is multiplied by `decay`. A pathway that fires on
     every token settles at lr * decay / (1 - decay) (9.99 with the defaults 0.01 and 0.999).
 
-    Saved to and loaded from SQLite (the standard library's sqlite3): plain rows, no pickle; the
-    file is written to a temporary name and renamed, so a reader never sees half of it.
+    Saved to and loaded from SQLite (the standard library's sqlite3): plain rows, no pickle. One writer at
+    a time: `save` holds an OS lock on ".<name>.lock" beside the database (a second writer is refused with
+    a clear error), removes the temporary files and journals a dead writer left, writes a temporary file
+    and renames it, so a reader never sees half of it. `load` checks every row: names are non-empty
+    strings, strengths finite and >= 0, lr and decay in range, and every failure names the file.
     """
 
     def __init__(self, lr: float = 0.01, decay: float = 0.999):
+        for name, value in (("lr", lr), ("decay", decay)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"HebbianPathways: {name} must be a finite number, got {value!r}")
         if not lr > 0 or not 0 < decay <= 1:
             raise ValueError(f"HebbianPathways: need lr > 0 and decay in (0, 1], got lr={lr}, decay={decay}")
         self.lr, self.decay = lr, decay
@@ -159,15 +166,22 @@ class HebbianPathways:
         return "+".join(str(int(e)) for e in sorted(experts))
 
     def update(self, expert_index: torch.Tensor) -> None:
-        """expert_index: [N, k] chosen experts, tokens in order."""
-        if expert_index.dim() != 2:
-            raise ValueError(f"HebbianPathways.update expects [N, k] expert indices, got {list(expert_index.shape)}")
+        """expert_index: [N, k] chosen experts (an integer tensor, each >= 0), tokens in order."""
+        if (not isinstance(expert_index, torch.Tensor) or expert_index.dim() != 2
+                or expert_index.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"HebbianPathways.update expects [N, k] integer expert indices, got "
+                             f"{getattr(expert_index, 'dtype', type(expert_index).__name__)} "
+                             f"{list(getattr(expert_index, 'shape', []))}")
+        if expert_index.numel() and int(expert_index.min()) < 0:
+            raise ValueError(f"HebbianPathways.update: expert indices must be >= 0, got {int(expert_index.min())}")
         for row in expert_index.tolist():
             self.reinforce(self.name(row))
 
     def reinforce(self, key: str) -> None:
-        """One event: pathway `key` (any string: an expert combination, a specialist's name) gains lr,
-        then every strength decays."""
+        """One event: pathway `key` (any non-empty string: an expert combination, a specialist's name) gains
+        lr, then every strength decays."""
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"HebbianPathways.reinforce: a pathway is named by a non-empty string, got {key!r}")
         self.strengths[key] = self.strengths.get(key, 0.0) + self.lr
         for other in self.strengths:
             self.strengths[other] *= self.decay
@@ -178,34 +192,61 @@ class HebbianPathways:
     def save(self, path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        lock = hold_writer_lock(path.parent / f".{path.name}.lock",
+                                f"HebbianPathways.save: {path} is being written by another writer (process "
+                                "{holder}); one writer per pathway database at a time")
         try:
-            with sqlite3.connect(tmp) as db:
-                db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value REAL NOT NULL)")
-                db.execute("CREATE TABLE pathways (name TEXT PRIMARY KEY, strength REAL NOT NULL)")
-                db.executemany("INSERT INTO meta VALUES (?, ?)", [("lr", self.lr), ("decay", self.decay)])
-                db.executemany("INSERT INTO pathways VALUES (?, ?)", sorted(self.strengths.items()))
-            db.close()
-            os.replace(tmp, path)
+            remove_dead_temporaries(path)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_name_prefix(path), suffix=".tmp")
+            os.close(fd)
+            try:
+                with sqlite3.connect(tmp) as db:
+                    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value REAL NOT NULL)")
+                    db.execute("CREATE TABLE pathways (name TEXT PRIMARY KEY, strength REAL NOT NULL)")
+                    db.executemany("INSERT INTO meta VALUES (?, ?)", [("lr", self.lr), ("decay", self.decay)])
+                    db.executemany("INSERT INTO pathways VALUES (?, ?)", sorted(self.strengths.items()))
+                db.close()
+                os.replace(tmp, path)
+            finally:
+                for leftover in (tmp, tmp + "-journal"):
+                    if os.path.exists(leftover):
+                        os.unlink(leftover)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            lock.close()
 
     @classmethod
     def load(cls, path) -> "HebbianPathways":
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no pathway database at {path}")
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
         try:
             meta = dict(db.execute("SELECT key, value FROM meta"))
-            table = cls(lr=meta["lr"], decay=meta["decay"])
-            table.strengths = {str(name): float(s) for name, s in db.execute("SELECT name, strength FROM pathways")}
-        except (sqlite3.DatabaseError, KeyError) as err:
-            raise ValueError(f"{path} is not a pathway database: {err}") from None
+            rows = list(db.execute("SELECT name, strength FROM pathways"))
+        except sqlite3.OperationalError as err:
+            if "locked" in str(err):
+                raise RuntimeError(f"HebbianPathways.load: {path} is locked by another process (an open write "
+                                   f"transaction); try again when it has finished") from None
+            raise ValueError(f"HebbianPathways.load: {path} is not a pathway database: {err}") from None
+        except sqlite3.DatabaseError as err:
+            raise ValueError(f"HebbianPathways.load: {path} is not a pathway database: {err}") from None
         finally:
             db.close()
+        try:
+            table = cls(lr=meta["lr"], decay=meta["decay"])
+        except KeyError as err:
+            raise ValueError(f"HebbianPathways.load: {path} is not a pathway database: its meta table lacks {err}") \
+                from None
+        except ValueError as err:
+            raise ValueError(f"HebbianPathways.load: {path}: {err}") from None
+        for name, strength in rows:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"HebbianPathways.load: {path}: a pathway name must be a non-empty string, got {name!r}")
+            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (
+                    math.isfinite(strength) and strength >= 0):
+                raise ValueError(f"HebbianPathways.load: {path}: pathway {name!r} has strength {strength!r}; "
+                                 "strengths are finite numbers >= 0")
+            table.strengths[name] = float(strength)
         return table
 
 
@@ -240,7 +281,11 @@ class Thalamus(nn.Module):
         totals = torch.zeros(self.n_experts, device=device)
         if self.pathways is not None:
             for name, strength in self.pathways.strengths.items():
-                for e in name.split("+"):
+                experts = name.split("+")
+                if not all(e.isdigit() and int(e) < self.n_experts for e in experts):
+                    raise ValueError(f"Thalamus: pathway {name!r} does not name experts of this router: expected "
+                                     f"expert numbers 0..{self.n_experts - 1} joined by '+', like '0+3'")
+                for e in experts:
                     totals[int(e)] += strength
         return torch.log1p(totals)
 

@@ -30,8 +30,15 @@ TASK_VECTORS = Contract("ties_merge", tau="K P")
 
 
 def check_ties_merge_args(tau: torch.Tensor) -> None:
-    """Validate task vectors: a float tensor [K, P] with K, P >= 1."""
+    """Validate task vectors: a float tensor [K, P] with K, P >= 1, every entry finite. (A NaN would not
+    propagate: it has no sign to elect and never wins a top-k, so the merge would quietly drop it and
+    change its neighbours' trim; an inf would swamp its column.)"""
     TASK_VECTORS.check(tau=tau)
+    finite = torch.isfinite(tau)
+    if not bool(finite.all()):
+        k, p = (int(i) for i in (~finite).nonzero()[0])
+        raise ValueError(f"ties_merge: task vectors must be finite; tau[{k}, {p}] = {float(tau[k, p])} "
+                         f"({int((~finite).sum())} non-finite entries)")
 
 
 def average(tau: torch.Tensor) -> torch.Tensor:
