@@ -1,54 +1,12 @@
-"""Fast-weight memory: step loop = parallel form, carried state, trainable, no leaks between batch elements."""
+"""The fast-weight memory layer: trainable, no leaks between batch elements, memory only when carried, the parallel
+path = the step-loop path. (The op's own tests, step loop = parallel form: tests/ops/test_fast_weight_memory.py.)"""
 
 from __future__ import annotations
 
-import math
-
-import pytest
 import torch
 
-from kernels.check import assert_close, parameters_without_gradient, random_tensor
+from kernels.check import assert_close, parameters_without_gradient
 from refimpl.synapse import FastWeightMemory
-from refimpl.ops import fast_weight_memory_parallel, fast_weight_memory_recurrent
-
-
-def _inputs(B=2, T=23, H=3, Dk=5, Dv=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(random_tensor(shape, torch.float64, generator=g)
-                 for shape in ((B, T, H, Dk), (B, T, H, Dk), (B, T, H, Dv), (B, T, H)))
-
-
-@pytest.mark.parametrize("decay", [0.0, 0.95, 1.0], ids=["decay0", "decay0.95", "decay1"])
-def test_parallel_form_equals_step_loop(decay):
-    q, k, v, gate = _inputs()
-    W0 = random_tensor((2, 3, 5, 4), torch.float64, generator=torch.Generator().manual_seed(9))
-    r_ref, W_ref = fast_weight_memory_recurrent(q, k, v, gate, decay, 0.1, W0)
-    r, W = fast_weight_memory_parallel(q, k, v, gate, decay, 0.1, W0)
-    assert_close(r, r_ref, "reads")
-    assert_close(W, W_ref, "final memory")
-
-
-def test_carried_state_equals_one_shot():
-    q, k, v, gate = _inputs()
-    r, W = fast_weight_memory_recurrent(q, k, v, gate)
-    r1, W1 = fast_weight_memory_recurrent(q[:, :9], k[:, :9], v[:, :9], gate[:, :9])
-    r2, W2 = fast_weight_memory_recurrent(q[:, 9:], k[:, 9:], v[:, 9:], gate[:, 9:], initial_state=W1)
-    assert_close(torch.cat([r1, r2], dim=1), r, "reads, split at 9")
-    assert_close(W2, W, "memory, split at 9")
-
-
-def test_a_stored_pair_fades_as_decay_to_the_delta():
-    """Write (k, v) once, read with q = k after `gap` tokens of nothing: r = decay^(gap-1) * 0.1 * sigmoid(g) |k|^2 v."""
-    k = torch.zeros(1, 30, 1, 4, dtype=torch.float64)
-    k[0, 0, 0] = torch.tensor([1.0, 0, 0, 0])
-    v = torch.zeros(1, 30, 1, 2, dtype=torch.float64)
-    v[0, 0, 0] = torch.tensor([2.0, -1.0])
-    gate = torch.full((1, 30, 1), -1e9, dtype=torch.float64)     # no writes ...
-    gate[0, 0, 0] = 0.0                                           # ... except the first, with sigmoid(0) = 1/2
-    q = k[:, :1].expand(1, 30, 1, 4)
-    reads, _ = fast_weight_memory_recurrent(q, k, v, gate)
-    for gap in (1, 20):
-        assert math.isclose(reads[0, gap, 0, 0].item(), 0.95 ** (gap - 1) * 0.1 * 0.5 * 2.0, rel_tol=1e-12)
 
 
 def test_projections_get_gradients_and_batch_elements_do_not_leak():

@@ -32,7 +32,7 @@ def timing_waits(source: str) -> list[tuple[int, str]]:
 
 
 def _test_sources() -> list[Path]:
-    return sorted(TESTS.glob("*.py")) + [ROOT / "conftest.py"]
+    return sorted(TESTS.rglob("*.py")) + [ROOT / "conftest.py"]
 
 
 @pytest.mark.parametrize("path", _test_sources(), ids=lambda p: p.name)

@@ -1,11 +1,10 @@
-"""refimpl.optim: the fused Adam + clipping step and FlatAdam, against torch's own optimiser.
+"""refimpl.optim: FlatAdam, against torch's own optimiser.
 
-`adam_clip_step` on one flat buffer must do exactly what `torch.nn.utils.clip_grad_norm_` followed by
-`torch.optim.Adam(...).step()` do on the same numbers split over several tensors: in float64 the two
-agree to ~1e-15 step after step, so the comparisons use atol = rtol = 1e-12 (tighter than the book's
-float64 tolerance). The runs clip on some steps and not on others, with and without weight decay,
-and with no clipping at all. FlatAdam trains a small network exactly as torch does, keeps every
-`.grad` a view of its flat buffer, and refuses what would silently break that.
+FlatAdam trains a small network exactly as `torch.nn.utils.clip_grad_norm_` followed by
+`torch.optim.Adam(...).step()` do: in float64 the two agree to ~1e-15 step after step, so the
+comparisons use atol = rtol = 1e-12 (tighter than the book's float64 tolerance). It keeps every
+`.grad` a view of its flat buffer, and refuses what would silently break that. (The fused Adam +
+clipping op it calls, `adam_clip_step`, against torch: tests/ops/test_adam_clip_step.py.)
 """
 
 from __future__ import annotations
@@ -17,79 +16,9 @@ import torch
 
 from kernels.check import assert_close, random_tensor
 from kernel_testing import one_torch_thread  # noqa: F401 (an autouse fixture: one torch thread)
-from refimpl import ops, optim
+from refimpl import optim
 
 TIGHT = dict(atol=1e-12, rtol=1e-12)
-SHAPES = [(3, 4), (5,), (2, 1, 3), (1,)]                  # a few parameter tensors, 24 numbers in all
-
-
-def _numbers(steps, seed=0):
-    """Initial parameter values [24] and `steps` gradients [24], each step's with its own size (e^-1.5 .. e^1.5)."""
-    g = torch.Generator().manual_seed(seed)
-    N = sum(torch.Size(s).numel() for s in SHAPES)
-    start = random_tensor((N,), torch.float64, generator=g)
-    sizes = torch.exp(3 * torch.rand(steps, generator=g, dtype=torch.float64) - 1.5)
-    return start, [random_tensor((N,), torch.float64, generator=g) * s for s in sizes]
-
-
-def _split(flat):
-    """A flat [24] vector as tensors of SHAPES (copies)."""
-    out, start = [], 0
-    for shape in SHAPES:
-        n = torch.Size(shape).numel()
-        out.append(flat[start:start + n].reshape(shape).clone())
-        start += n
-    return out
-
-
-def _flatten(tensors):
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-# ---------------------------------------------------------------- the op against torch.optim.Adam
-
-@pytest.mark.parametrize("foreach", [False, None], ids=["foreach=False", "foreach=default"])
-@pytest.mark.parametrize("weight_decay", [0.0, 0.05], ids=["wd0", "wd0.05"])
-@pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
-def test_adam_clip_step_equals_clip_grad_norm_then_torch_adam(clip, weight_decay, foreach):
-    steps, lr, betas, eps = 100, 1e-2, (0.9, 0.999), 1e-8
-    start, grads = _numbers(steps)
-    norms = torch.stack([g.norm() for g in grads])
-    max_norm = float(norms.median()) if clip else None
-    if clip:
-        assert 0 < int((norms > max_norm).sum()) < steps          # clips on some steps, not on others
-
-    # torch: several tensors, clip_grad_norm_ then Adam
-    params = [torch.nn.Parameter(t) for t in _split(start)]
-    torch_adam = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
-    # the op: one flat buffer each
-    param, exp_avg, exp_avg_sq = start.clone(), torch.zeros_like(start), torch.zeros_like(start)
-
-    for t, grad in enumerate(grads, start=1):
-        for p, g in zip(params, _split(grad)):
-            p.grad = g
-        if clip:
-            expected_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        else:
-            expected_norm = torch.linalg.vector_norm(_flatten([p.grad for p in params]))
-        torch_adam.step()
-
-        grad_before = grad.clone()
-        norm = ops.adam_clip_step(param, grad, exp_avg, exp_avg_sq, step=t, lr=lr, beta1=betas[0],
-                                    beta2=betas[1], eps=eps, weight_decay=weight_decay, max_norm=max_norm)
-        assert torch.equal(grad, grad_before), "grad must not be modified"
-        assert norm.dim() == 0 and norm.dtype == torch.float64
-        assert_close(norm, expected_norm, f"step {t}: norm", **TIGHT)
-        assert_close(param, _flatten([p.detach() for p in params]), f"step {t}: params", **TIGHT)
-    states = [torch_adam.state[p] for p in params]
-    assert_close(exp_avg, _flatten([s["exp_avg"] for s in states]), "exp_avg after 100 steps", **TIGHT)
-    assert_close(exp_avg_sq, _flatten([s["exp_avg_sq"] for s in states]), "exp_avg_sq after 100 steps", **TIGHT)
-
-
-def test_adam_clip_step_zero_gradient_is_not_a_division_by_zero():
-    param, zero = torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
-    norm = ops.adam_clip_step(param, zero, zero.clone(), zero.clone(), step=1, max_norm=1.0)
-    assert float(norm) == 0.0 and torch.equal(param, torch.ones(4, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------- FlatAdam training against torch
@@ -198,38 +127,6 @@ def test_flat_adam_state_dict_round_trip_continues_the_same_run():
 
 
 # ---------------------------------------------------------------- bad input
-
-def test_adam_clip_step_bad_arguments_are_value_errors():
-    p = torch.zeros(6)
-    ok = dict(step=1)
-    with pytest.raises(ValueError, match=r"grad must be \[N\] = \[6\], got \[5\]"):
-        ops.adam_clip_step(p, p[:5], p.clone(), p.clone(), **ok)
-    with pytest.raises(ValueError, match=r"param must be \[N\], got \[2, 3\]"):
-        ops.adam_clip_step(p.view(2, 3), p, p, p, **ok)
-    with pytest.raises(ValueError, match=r"grad must be a floating-point tensor \[N\], got torch.int64"):
-        ops.adam_clip_step(p, torch.zeros(6, dtype=torch.long), p, p, **ok)
-    with pytest.raises(ValueError, match="exp_avg must have param's dtype torch.float32, got torch.float64"):
-        ops.adam_clip_step(p, p, p.double(), p, **ok)
-    with pytest.raises(ValueError, match="exp_avg_sq must be contiguous"):
-        ops.adam_clip_step(p, p, p, torch.zeros(12)[::2], **ok)
-    with pytest.raises(ValueError, match="every size must be >= 1, got N = 0"):
-        ops.adam_clip_step(p[:0], p[:0], p[:0], p[:0], **ok)
-    with pytest.raises(ValueError, match="exp_avg and exp_avg_sq share memory"):
-        ops.adam_clip_step(p.clone(), p.clone(), p, p, **ok)
-    buffer = torch.zeros(20)
-    with pytest.raises(ValueError, match="param and grad share memory"):
-        ops.adam_clip_step(buffer[:6], buffer[5:11], p.clone(), torch.zeros(6), **ok)   # overlapping by one
-    ops.adam_clip_step(buffer[:6], buffer[6:12], buffer[12:18], torch.zeros(6), **ok)   # adjacent is fine
-    for kwargs, message in [(dict(step=0), "step must be an int >= 1"), (dict(step=2.0), "step must be an int >= 1"),
-                            (dict(step=True), "step must be an int >= 1"), (dict(step=1, lr=0), "lr must be > 0"),
-                            (dict(step=1, lr=float("nan")), "lr must be a finite number"),
-                            (dict(step=1, beta1=1.0), r"beta1 must be in \[0, 1\)"),
-                            (dict(step=1, beta2=-0.1), "beta2 must be >= 0"),
-                            (dict(step=1, eps=0.0), "eps must be > 0"),
-                            (dict(step=1, weight_decay=-1e-3), "weight_decay must be >= 0"),
-                            (dict(step=1, max_norm=0.0), "max_norm must be > 0")]:
-        with pytest.raises(ValueError, match=message):
-            ops.adam_clip_step(p, p.clone(), p.clone(), p.clone(), **kwargs)
 
 
 def test_flat_adam_refuses_what_one_flat_buffer_cannot_hold():

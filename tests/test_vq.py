@@ -1,14 +1,12 @@
-"""The nearest-code op and the vector quantiser (refimpl/vq.py).
+"""The vector quantiser (refimpl/vq.py).
 
-`vq_nearest` against brute force (every distance from the difference, in float64), exact ties,
-exact distances, and its row chunking. `VectorQuantizer`: the round trip through `lookup`, the
-straight-through gradient, which parameters each loss trains, the EMA codebook update, dead-code
-restarts, the usage statistics, and bad input.
+`VectorQuantizer`: the round trip through `lookup`, the straight-through gradient, which parameters
+each loss trains, the EMA codebook update, dead-code restarts, the usage statistics, and bad input.
+(The nearest-code op `vq_nearest` itself, against brute force: tests/ops/test_vq_nearest.py.)
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
@@ -17,123 +15,6 @@ import torch.nn.functional as F
 
 from kernels.check import assert_close, random_tensor
 from refimpl import ops, vq
-
-VQ_NEAREST_FILE = importlib.import_module("refimpl.ops.vq_nearest")  # the module: refimpl.ops.vq_nearest is the function
-
-
-def _brute_force_distances(z, codebook):
-    """[N, K] squared distances, every one from the difference, in float64."""
-    return ((z.double()[:, None, :] - codebook.double()[None, :, :]) ** 2).sum(-1)
-
-
-# ---------------------------------------------------------------- vq_nearest
-
-@pytest.mark.parametrize("N, K, C", [(1, 1, 1), (50, 40, 6), (33, 70, 17), (7, 5, 3)])
-def test_vq_nearest_equals_cdist_argmin_in_float64(N, K, C):
-    g = torch.Generator().manual_seed(N * 1000 + K)
-    z = random_tensor((N, C), dtype=torch.float64, generator=g)
-    codebook = random_tensor((K, C), dtype=torch.float64, generator=g)
-    indices, distances = ops.vq_nearest(z, codebook)
-    assert indices.dtype == torch.int64 and tuple(indices.shape) == (N,)
-    assert distances.dtype == torch.float64 and tuple(distances.shape) == (N,)
-    # cdist without its matrix-multiply shortcut: every distance from the difference
-    expected = torch.cdist(z, codebook, compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=1)
-    d = _brute_force_distances(z, codebook)
-    if K > 1:       # the draw has no near-tie (else an index could differ legitimately: see the op's docstring)
-        gap = d.sort(dim=1).values
-        assert (gap[:, 1] - gap[:, 0]).min() > 1e-6
-    assert torch.equal(indices, expected)
-    assert_close(distances, d.gather(1, indices[:, None]).squeeze(1), "distances")
-
-
-def test_vq_nearest_in_float32_picks_a_nearest_code_by_distance():
-    """float32: the chosen code's distance (recomputed in float64) is the minimum, to float32 tolerance."""
-    g = torch.Generator().manual_seed(1)
-    z = random_tensor((200, 24), generator=g)
-    codebook = random_tensor((300, 24), generator=g)
-    indices, distances = ops.vq_nearest(z, codebook)
-    d = _brute_force_distances(z, codebook)
-    chosen = d.gather(1, indices[:, None]).squeeze(1)
-    assert_close(chosen.float(), d.min(dim=1).values.float(), "chosen code's distance vs the minimum")
-    assert_close(distances, chosen.float(), "returned distances")
-
-
-def test_vq_nearest_exact_ties_go_to_the_lowest_index():
-    # Integer values: every product and sum is exact in float32, in the expanded form as well.
-    codebook = torch.tensor([[5., 5.],     # 0: far from both rows
-                             [3., 3.],     # 1
-                             [2., 3.],     # 2: distance 2 from row 0 (tied with 4)
-                             [9., 0.],     # 3
-                             [0., 1.],     # 4: distance 2 from row 0; distance 1 from row 1 (tied with 5, 6)
-                             [1., 0.],     # 5
-                             [-1., 0.]])   # 6
-    z = torch.tensor([[1., 2.], [0., 0.]])
-    d = _brute_force_distances(z, codebook)
-    assert d[0, 2] == d[0, 4] == d[0].min() and d[1, 4] == d[1, 5] == d[1, 6] == d[1].min()
-    indices, distances = ops.vq_nearest(z, codebook)
-    assert indices.tolist() == [2, 4]
-    assert distances.tolist() == [2.0, 1.0]
-    # duplicate codes: the first copy wins wherever it is
-    dup = torch.cat([codebook, codebook.flip(0)])
-    assert ops.vq_nearest(z, dup)[0].tolist() == [2, 4]
-    assert ops.vq_nearest(z, codebook.flip(0))[0].tolist() == [2, 0]       # [-1, 0] is now code 0
-
-
-def test_vq_nearest_distances_are_exact_where_the_expanded_form_cancels():
-    """Far from the origin, ||z||^2 - 2 z.c + ||c||^2 loses everything; the difference does not."""
-    codebook = torch.tensor([[1000.0, -1000.0], [1000.5, -1000.0]])
-    z = torch.tensor([[1000.001, -1000.002]])
-    indices, distances = ops.vq_nearest(z, codebook)
-    exact = float(((z.double() - codebook[0].double()) ** 2).sum())        # from the float32 inputs, in float64
-    expanded = float((z * z).sum() - 2 * (z @ codebook[0]) + (codebook[0] * codebook[0]).sum())
-    assert indices.item() == 0
-    assert abs(distances.item() - exact) <= 1e-6 * exact                    # to float32 roundoff
-    assert abs(expanded - exact) >= 0.5 * exact                             # the expanded form: wrong by half or more
-
-
-def test_vq_nearest_chunking_does_not_change_the_answer(monkeypatch):
-    g = torch.Generator().manual_seed(2)
-    z = random_tensor((29, 5), generator=g)
-    codebook = random_tensor((11, 5), generator=g)
-    whole = ops.vq_nearest(z, codebook)
-    monkeypatch.setattr(VQ_NEAREST_FILE, "SEARCH_CHUNK_ELEMENTS", 3 * 11 + 2)           # chunks of 3 rows: 10 chunks
-    chunked = ops.vq_nearest(z, codebook)
-    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
-    monkeypatch.setattr(VQ_NEAREST_FILE, "SEARCH_CHUNK_ELEMENTS", 1)                    # fewer elements than K: one row at a time
-    assert torch.equal(ops.vq_nearest(z, codebook)[0], whole[0])
-
-
-def test_vq_nearest_has_no_gradient_and_keeps_half_precision_dtype():
-    z = torch.randn(4, 3, requires_grad=True)
-    codebook = torch.randn(6, 3, requires_grad=True)
-    indices, distances = ops.vq_nearest(z, codebook)
-    assert not distances.requires_grad
-    _, d16 = ops.vq_nearest(z.detach().bfloat16(), codebook.detach().bfloat16())
-    assert d16.dtype == torch.bfloat16
-
-
-def test_vq_nearest_bad_inputs_are_value_errors():
-    z, codebook = torch.randn(4, 3), torch.randn(6, 3)
-    with pytest.raises(ValueError, match=r"z must be a floating-point tensor \[N, C\], got list"):
-        ops.vq_nearest([[0.0] * 3], codebook)
-    with pytest.raises(ValueError, match=r"z must be a floating-point tensor \[N, C\], got torch.int64"):
-        ops.vq_nearest(z.long(), codebook)
-    with pytest.raises(ValueError, match=r"codebook must be a floating-point tensor \[K, C\]"):
-        ops.vq_nearest(z, codebook.int())
-    with pytest.raises(ValueError, match=r"z must be \[N, C\], got \[2, 2, 3\]"):
-        ops.vq_nearest(z.view(2, 2, 3), codebook)
-    with pytest.raises(ValueError, match=r"every size must be >= 1, got N = 0"):
-        ops.vq_nearest(z[:0], codebook)
-    with pytest.raises(ValueError, match=r"codebook must be \[K, C\] = \[K, 3\], got \[6, 4\]"):
-        ops.vq_nearest(z, torch.randn(6, 4))
-    with pytest.raises(ValueError, match=r"every size must be >= 1, got K = 0"):
-        ops.vq_nearest(z, codebook[:0])
-    with pytest.raises(ValueError, match=r"codebook must be \[K, C\] = \[K, 3\], got \[18\]"):
-        ops.vq_nearest(z, codebook.flatten())
-    with pytest.raises(ValueError, match="codebook must have z's dtype torch.float32, got torch.float64"):
-        ops.vq_nearest(z, codebook.double())
-    with pytest.raises(ValueError, match="one device"):
-        ops.vq_nearest(z, codebook.to("meta"))
 
 
 # ---------------------------------------------------------------- VectorQuantizer

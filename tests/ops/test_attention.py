@@ -2,19 +2,22 @@
 and chunk shapes, large logits, strided inputs, and bad input. Outputs are poisoned with NaN (floats) or -1
 (indices) before a kernel writes them; numba_cuda runs on numba's CUDA simulator when there is no GPU
 (the biggest cases then skip with a reason), cupy cases skip without a GPU. The check every kernel
-passes (tests/test_every_kernel.py) runs beside these.
+passes (tests/test_every_kernel.py) runs beside these. The last part tests the reference op itself:
+GQA against multi-head attention, and windows covering the sequence or not.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from kernels import attention as attention_kernels
 from kernels.check import assert_close, poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, seeded, skip_unless_runnable
+from refimpl import ops
 
 
 # id -> (B, T, S, H, G, D, causal, window)
@@ -91,3 +94,42 @@ def test_head_dim_beyond_the_cuda_accumulator_is_a_value_error(backend):
     q = torch.randn(1, 2, 1, attention_kernels.MAX_HEAD_DIM + 2, device=device_for(backend))
     with pytest.raises(ValueError, match=f"head dimension D <= {attention_kernels.MAX_HEAD_DIM}"):
         kernels.get("attention", backend)(q, q, q)
+
+
+# ---------------------------------------------------------------- the reference op: GQA vs multi-head, windows
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _mha(q, k, v, causal=True):
+    """Plain multi-head attention via PyTorch's own SDPA: one KV head per query head."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+    return out.transpose(1, 2)
+
+
+def test_gqa_with_groups_equal_to_heads_is_multi_head_attention():
+    g = _gen(3)
+    q, k, v = (random_tensor((2, 11, 4, 8), generator=g) for _ in range(3))
+    assert_close(ops.attention(q, k, v), _mha(q, k, v), "G = H vs MHA")
+
+
+def test_gqa_equals_mha_with_each_kv_head_repeated():
+    g = _gen(4)
+    q = random_tensor((2, 11, 6, 8), generator=g)
+    k, v = random_tensor((2, 11, 2, 8), generator=g), random_tensor((2, 11, 2, 8), generator=g)
+    expected = _mha(q, k.repeat_interleave(3, dim=2), v.repeat_interleave(3, dim=2))
+    assert_close(ops.attention(q, k, v), expected, "GQA vs MHA with repeated KV")
+
+
+@pytest.mark.parametrize("window", [13, 14, 100], ids=["W=T", "W=T+1", "W>>T"])
+def test_window_covering_the_sequence_is_full_attention(window):
+    g = _gen(5)
+    q, k, v = random_tensor((1, 13, 4, 8), generator=g), random_tensor((1, 13, 2, 8), generator=g), random_tensor((1, 13, 2, 8), generator=g)
+    assert_close(ops.attention(q, k, v, window=window), ops.attention(q, k, v), f"window={window}")
+
+
+def test_narrow_window_differs_from_full_attention():
+    g = _gen(6)
+    q, k, v = (random_tensor((1, 13, 2, 8), generator=g) for _ in range(3))
+    assert not torch.allclose(ops.attention(q, k, v, window=4), ops.attention(q, k, v))

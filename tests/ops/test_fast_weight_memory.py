@@ -4,12 +4,14 @@ Ground truth is `refimpl.ops.fast_weight_memory_recurrent`, in the kernel's own 
 the same inputs. Outputs are poisoned with NaN before a kernel writes them. numba_cuda runs through
 numba's CUDA simulator when there is no GPU (slow: the GPU-size case then skips with a reason);
 cupy cases need a GPU and skip with a reason elsewhere, while the CUDA C is compile-checked with
-nvcc and NVRTC wherever they exist. The last part runs a whole `FastWeightMemory` layer with the
-numba kernel swapped in.
+nvcc and NVRTC wherever they exist. A later part runs a whole `FastWeightMemory` layer with the
+numba kernel swapped in; the last tests the reference op itself: the parallel form against the step
+loop, carried state, and a stored pair fading as decay^gap.
 """
 
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from kernels.check import assert_close, poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
 from refimpl import ops, synapse
+from refimpl.ops import fast_weight_memory_parallel, fast_weight_memory_recurrent
 
 
 def _inputs(B, T, H, Dk, Dv, dtype, device, seed=0, gate_scale=3.0):
@@ -205,3 +208,44 @@ def test_cpu_tensors_to_the_cupy_kernel_are_a_value_error():
     q, k, v, gate, _ = _inputs(1, 3, 2, 4, 4, torch.float32, "cpu")
     with pytest.raises(ValueError, match="cpu tensor but cupy kernels run on a CUDA GPU"):
         kernels.get("fast_weight_memory", "cupy")(q, k, v, gate)
+
+
+# ---------------------------------------------------------------- the reference op: parallel form = step loop
+
+def _reference_inputs(B=2, T=23, H=3, Dk=5, Dv=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(random_tensor(shape, torch.float64, generator=g)
+                 for shape in ((B, T, H, Dk), (B, T, H, Dk), (B, T, H, Dv), (B, T, H)))
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.95, 1.0], ids=["decay0", "decay0.95", "decay1"])
+def test_parallel_form_equals_step_loop(decay):
+    q, k, v, gate = _reference_inputs()
+    W0 = random_tensor((2, 3, 5, 4), torch.float64, generator=torch.Generator().manual_seed(9))
+    r_ref, W_ref = fast_weight_memory_recurrent(q, k, v, gate, decay, 0.1, W0)
+    r, W = fast_weight_memory_parallel(q, k, v, gate, decay, 0.1, W0)
+    assert_close(r, r_ref, "reads")
+    assert_close(W, W_ref, "final memory")
+
+
+def test_carried_state_equals_one_shot():
+    q, k, v, gate = _reference_inputs()
+    r, W = fast_weight_memory_recurrent(q, k, v, gate)
+    r1, W1 = fast_weight_memory_recurrent(q[:, :9], k[:, :9], v[:, :9], gate[:, :9])
+    r2, W2 = fast_weight_memory_recurrent(q[:, 9:], k[:, 9:], v[:, 9:], gate[:, 9:], initial_state=W1)
+    assert_close(torch.cat([r1, r2], dim=1), r, "reads, split at 9")
+    assert_close(W2, W, "memory, split at 9")
+
+
+def test_a_stored_pair_fades_as_decay_to_the_delta():
+    """Write (k, v) once, read with q = k after `gap` tokens of nothing: r = decay^(gap-1) * 0.1 * sigmoid(g) |k|^2 v."""
+    k = torch.zeros(1, 30, 1, 4, dtype=torch.float64)
+    k[0, 0, 0] = torch.tensor([1.0, 0, 0, 0])
+    v = torch.zeros(1, 30, 1, 2, dtype=torch.float64)
+    v[0, 0, 0] = torch.tensor([2.0, -1.0])
+    gate = torch.full((1, 30, 1), -1e9, dtype=torch.float64)     # no writes ...
+    gate[0, 0, 0] = 0.0                                           # ... except the first, with sigmoid(0) = 1/2
+    q = k[:, :1].expand(1, 30, 1, 4)
+    reads, _ = fast_weight_memory_recurrent(q, k, v, gate)
+    for gap in (1, 20):
+        assert math.isclose(reads[0, gap, 0, 0].item(), 0.95 ** (gap - 1) * 0.1 * 0.5 * 2.0, rel_tol=1e-12)

@@ -2,7 +2,8 @@
 tokens, k = 1 and 3, int32 indices, and bad indices. Outputs are poisoned with NaN (floats) or -1
 (indices) before a kernel writes them; numba_cuda runs on numba's CUDA simulator when there is no GPU
 (the biggest cases then skip with a reason), cupy cases skip without a GPU. The check every kernel
-passes (tests/test_every_kernel.py) runs beside these.
+passes (tests/test_every_kernel.py) runs beside these. The last part tests the reference ops
+themselves: combine(dispatch(x)) is the identity.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import kernels
 from kernels.check import assert_close, poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, seeded, skip_unless_runnable
+from refimpl import ops
 
 
 # id -> (N, C, E, k, experts actually used)
@@ -60,3 +62,21 @@ def test_moe_dispatch_bad_indices_are_value_errors():
         kernels.get("moe_dispatch", "numba")(x, torch.tensor([[0], [1], [2], [3]]), 3)
     with pytest.raises(ValueError, match=r"\[N, k\]"):
         kernels.get("moe_dispatch", "numba")(x, torch.tensor([[0], [1]]), 3)
+
+
+# ---------------------------------------------------------------- the reference op: dispatch and combine
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_moe_dispatch_combine_roundtrip_is_identity():
+    g = _gen(8)
+    x = random_tensor((9, 5), generator=g)
+    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(9)])
+    x_sorted, offsets, slot = ops.moe_dispatch(x, index, 4)
+    assert offsets.tolist() == [0] + torch.bincount(index.flatten(), minlength=4).cumsum(0).tolist()
+    for e in range(4):  # each expert's rows hold exactly the tokens that chose it, in token order
+        tokens = (index == e).any(dim=1).nonzero().flatten()
+        assert_close(x_sorted[offsets[e]:offsets[e + 1]], x[tokens], f"expert {e}")
+    assert_close(ops.moe_combine(x_sorted, slot, torch.full((9, 2), 0.5)), x, "combine(dispatch(x)) with weights 1/2")

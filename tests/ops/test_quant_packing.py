@@ -8,7 +8,9 @@ dimensions, rows of zero length and zero rows. Outputs are poisoned (-1 bytes, N
 kernel writes them. Bad input must raise the reference's own ValueError. numba_cuda runs through
 numba's CUDA simulator when there is no GPU (the GPU-size case then skips with a reason); cupy cases
 need a GPU and skip with a reason elsewhere, while the CUDA C is compile-checked with nvcc and NVRTC
-wherever they exist.
+wherever they exist. The last part tests the reference ops themselves: packing round-trips
+exactly, rows are packed apart, the INT6 / INT4 layout by hand, the fused dequantize equals
+`refimpl.quant.dequantize_per_row`, and bad input.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from kernels.check import poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
 from refimpl import ops, quant
+from refimpl.quant import dequantize_per_row, quantize_per_row
+from refimpl.ops import dequantize_packed, pack_bits, packed_length, unpack_bits
 
 #: the backends, once each: packing has no float dtype, so only dequantize's scale uses BACKEND_DTYPES' axis
 BACKENDS = list(dict.fromkeys(param.values[0] for param in BACKEND_DTYPES))
@@ -324,3 +328,70 @@ def test_cpu_tensors_to_numba_cuda_on_a_gpu_are_a_value_error():
         kernels.get("pack_bits", "numba_cuda")(_values((2, 5), 6), 6)
 
 # The CUDA C compile checks (nvcc and NVRTC) are in tests/test_kernels.py, over kernels.OP_MODULES.
+
+
+# ---------------------------------------------------------------- the reference op: round trips, layout by hand
+
+def _random_values(shape, bits, seed):
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    values = torch.randint(low, high + 1, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+    if values.numel() >= 2:
+        values.view(-1)[0], values.view(-1)[-1] = low, high                 # both extremes
+    return values
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 7, 1001, 4096])
+def test_round_trip_is_exact_and_really_packed(n, bits):
+    values = _random_values((n,), bits, n)
+    packed = pack_bits(values, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == (3 * -(-n // 4) if bits == 6 else -(-n // 2))  # 6 (or 4) bits per value, not 8
+    assert torch.equal(unpack_bits(packed, n, bits), values)
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_rows_are_packed_apart(bits):
+    values = _random_values((5, 7), bits, 1)
+    packed = pack_bits(values, bits)
+    assert packed.shape == (5, packed_length(7, bits))
+    for r in range(5):
+        assert torch.equal(packed[r], pack_bits(values[r], bits))
+    assert torch.equal(unpack_bits(packed, 7, bits), values)
+
+
+def test_int6_layout_by_hand():
+    # u = v + 32: (1, 2, 3, 63) -> byte0 = 1 | 2<<6 = 129, byte1 = 2>>2 | 3<<4 = 48, byte2 = 3>>4 | 63<<2 = 252
+    assert pack_bits(torch.tensor([-31, -30, -29, 31]), 6).tolist() == [129, 48, 252]
+    # u = v + 8: (0, 15) -> 0 | 15<<4 = 240
+    assert pack_bits(torch.tensor([-8, 7]), 4).tolist() == [240]
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_dequantize_packed_equals_dequantize_per_row(bits):
+    w = torch.randn(6, 13, generator=torch.Generator().manual_seed(bits))
+    q, scale = quantize_per_row(w, bits)
+    assert torch.equal(dequantize_packed(pack_bits(q, bits), scale, 13, bits), dequantize_per_row(q, scale))
+
+
+def test_bad_input_is_a_value_error():
+    with pytest.raises(ValueError, match=r"\[-32, 31\]"):
+        pack_bits(torch.tensor([32]), 6)
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        pack_bits(torch.tensor([-9]), 4)
+    with pytest.raises(ValueError, match="integer tensor"):
+        pack_bits(torch.tensor([1.5]), 6)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        pack_bits(torch.tensor([1]), 5)
+    with pytest.raises(ValueError, match="need 3 bytes"):
+        unpack_bits(torch.zeros(2, dtype=torch.uint8), 4, 6)
+    with pytest.raises(ValueError, match="uint8"):
+        unpack_bits(torch.zeros(3, dtype=torch.int8), 4, 6)
+    with pytest.raises(ValueError, match=r"scale \[R\]"):
+        dequantize_packed(torch.zeros(2, 3, dtype=torch.uint8), torch.ones(3), 4, 6)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        quantize_per_row(torch.randn(2, 2), 5)
+    with pytest.raises(ValueError, match=r"\[R, K\]"):
+        quantize_per_row(torch.randn(2), 6)
+    with pytest.raises(ValueError, match="inf or NaN"):
+        quantize_per_row(torch.tensor([[float("nan")]]), 6)

@@ -4,8 +4,9 @@ Ground truth is `refimpl.ops.selective_scan_recurrent`, in the kernel's own dtyp
 same inputs. Outputs are poisoned with NaN before a kernel writes them. numba_cuda runs through
 numba's CUDA simulator when there is no GPU (slow: the GPU-size case then skips with a reason);
 cupy cases need a GPU and skip with a reason elsewhere, while the CUDA C is compile-checked with
-nvcc and NVRTC wherever they exist. The last part runs a whole `MambaLayer` with the numba scan
-swapped in.
+nvcc and NVRTC wherever they exist. The next part runs a whole `MambaLayer` with the numba scan
+swapped in; the last tests the reference op itself: the chunked form against the step loop, carried
+state, and bad arguments.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kernels.check import assert_close, poisoned_outputs, random_tensor
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
 from refimpl import ops, ssm
+from refimpl.ops import selective_scan_chunked, selective_scan_recurrent
 
 
 def _scan_inputs(B, T, Dm, N, dtype, device, seed=0, steps="typical"):
@@ -203,3 +205,45 @@ def test_cpu_tensors_to_the_cupy_kernel_are_a_value_error():
     args = _scan_inputs(1, 3, 2, 4, torch.float32, "cpu")
     with pytest.raises(ValueError, match="cpu tensor but cupy kernels run on a CUDA GPU"):
         kernels.get("selective_scan", "cupy")(*args)
+
+
+# ---------------------------------------------------------------- the reference op: chunked form = step loop
+
+def _inputs(B=2, T=37, Dm=5, N=4, seed=0, big_steps=False):
+    g = torch.Generator().manual_seed(seed)
+    u = random_tensor((B, T, Dm), torch.float64, generator=g)
+    delta = F.softplus(random_tensor((B, T, Dm), torch.float64, generator=g) + (4.0 if big_steps else 0.0))
+    A = -3 * torch.rand(Dm, N, generator=g, dtype=torch.float64)
+    Bm, Cm = random_tensor((B, T, N), torch.float64, generator=g), random_tensor((B, T, N), torch.float64, generator=g)
+    D = random_tensor((Dm,), torch.float64, generator=g)
+    h0 = random_tensor((B, Dm, N), torch.float64, generator=g)
+    return u, delta, A, Bm, Cm, D, h0
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, 32, 64], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("big_steps", [False, True], ids=["small-steps", "large-steps-forget-fast"])
+def test_chunked_scan_equals_step_loop(chunk_size, big_steps):
+    args = _inputs(big_steps=big_steps)
+    y_ref, h_ref = selective_scan_recurrent(*args)
+    y, h = selective_scan_chunked(*args, chunk_size=chunk_size)
+    assert_close(y, y_ref, "outputs")
+    assert_close(h, h_ref, "final state")
+
+
+def test_carried_state_equals_one_shot():
+    u, delta, A, Bm, Cm, D, h0 = _inputs()
+    y, h = selective_scan_recurrent(u, delta, A, Bm, Cm, D, h0)
+    y1, h1 = selective_scan_chunked(u[:, :20], delta[:, :20], A, Bm[:, :20], Cm[:, :20], D, h0)
+    y2, h2 = selective_scan_chunked(u[:, 20:], delta[:, 20:], A, Bm[:, 20:], Cm[:, 20:], D, h1)
+    assert_close(torch.cat([y1, y2], dim=1), y, "outputs, split at 20")
+    assert_close(h2, h, "final state, split at 20")
+
+
+def test_bad_arguments_are_value_errors():
+    u, delta, A, Bm, Cm, D, h0 = _inputs()
+    with pytest.raises(ValueError, match=r"A must be \[Dm, N\]"):
+        selective_scan_recurrent(u, delta, A.T, Bm, Cm)
+    with pytest.raises(ValueError, match=r"Cm must be \[B, T, N\]"):
+        selective_scan_chunked(u, delta, A, Bm, Cm[:, :3])
+    with pytest.raises(ValueError, match=r"initial_state must be \[B, Dm, N\]"):
+        selective_scan_chunked(u, delta, A, Bm, Cm, D, h0[:1])

@@ -7,6 +7,10 @@ The merged values (stage (b)) are sums, checked to the dtype's tolerance. Output
 with NaN before a kernel writes them. numba_cuda runs through numba's CUDA simulator when there
 is no GPU; cupy cases need a GPU and skip with a reason elsewhere, while the CUDA C is
 compile-checked with nvcc and NVRTC wherever they exist.
+
+The last part tests the reference ops themselves (refimpl/ops/ties_merge.py) on hand-made task
+vectors, against results worked out by hand: trim, elect_sign, ties_merge, ties_merge_as_written,
+average, task_arithmetic, and bad input.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from kernels.check import assert_close, example_shapes, poisoned_outputs, random
 from kernels.machine import device_for
 from kernel_testing import BACKEND_DTYPES, skip_unless_runnable
 from refimpl import ops
+from refimpl.ops import average, elect_sign, task_arithmetic, ties_merge, ties_merge_as_written, trim
 
 
 def _tau(K, P, dtype, device, seed=0):
@@ -93,7 +98,7 @@ def test_ties_kernel_vs_reference_at_edge_cases(backend, dtype, case):
     _check_against_reference(backend, tau, "", **options)
 
 
-# The hand-made example of tests/test_merging.py: three task vectors over five parameters.
+# The hand-made example of the reference op's tests below (TAU_BY_HAND): three task vectors over five parameters.
 TAU = [[4.0, -1.0, 0.5, -3.0, 0.0],
        [2.0, 3.0, -0.5, -1.0, 0.2],
        [-1.0, 2.0, 0.1, 5.0, -0.3]]
@@ -101,7 +106,7 @@ TAU = [[4.0, -1.0, 0.5, -3.0, 0.0],
 
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
 def test_ties_kernel_on_the_hand_made_example(backend, dtype):
-    """Worked out by hand in tests/test_merging.py; the write-up's variant too."""
+    """Worked out by hand in the reference op's tests below; the write-up's variant too."""
     skip_unless_runnable(backend)
     tau = torch.tensor(TAU, dtype=dtype, device=device_for(backend))
     merge = kernels.get("ties_merge", backend)
@@ -188,3 +193,55 @@ def test_ties_kernels_refuse_wrong_dtypes_devices_and_gradients():
         kernels.get("ties_merge", "numba")(trained)
     with torch.no_grad():
         kernels.get("ties_merge", "numba")(trained)              # fine without a graph
+
+
+# ---------------------------------------------------------------- the reference op: trim, elect, merge by hand
+
+# Three task vectors over five parameters.
+TAU_BY_HAND = torch.tensor([[ 4.0, -1.0,  0.5, -3.0,  0.0],
+                            [ 2.0,  3.0, -0.5, -1.0,  0.2],
+                            [-1.0,  2.0,  0.1,  5.0, -0.3]])
+
+
+def test_trim_keeps_the_top_fraction_by_magnitude():
+    kept = trim(TAU_BY_HAND, 0.4)                                 # ceil(0.4 * 5) = 2 per row
+    assert kept.tolist() == [[4.0, 0.0, 0.0, -3.0, 0.0],
+                             [2.0, 3.0, 0.0, 0.0, 0.0],
+                             [0.0, 2.0, 0.0, 5.0, 0.0]]
+
+
+def test_ties_by_hand():
+    # trimmed (above): column sums 6, 5, 0, 2, 0 -> elected signs +, +, 0, +, 0
+    # agreeing entries: col0 {4, 2} -> 3; col1 {3, 2} -> 2.5; col3 {5} (the -3 disagrees) -> 5
+    merged = ties_merge(TAU_BY_HAND, density=0.4, lam=1.0)
+    assert merged.tolist() == [3.0, 2.5, 0.0, 5.0, 0.0]
+    assert ties_merge(TAU_BY_HAND, density=0.4, lam=0.5).tolist() == [1.5, 1.25, 0.0, 2.5, 0.0]
+
+
+def test_mass_and_count_elect_differently():
+    tau = torch.tensor([[-10.0], [1.0], [1.0]])                  # two small positives against one large negative
+    assert elect_sign(tau, "mass").item() == -1.0
+    assert elect_sign(tau, "count").item() == 1.0
+
+
+def test_the_write_ups_variant_by_hand():
+    # keep ceil(0.8 * 5) = 4 per row: row0 drops 0.0, row1 drops 0.2, row2 drops 0.1
+    # vote signs per column: (+,+,-) +; (-,+,+) +; (+,-,0) 0; (-,-,+) -; (0,0,-) -
+    # keep agreeing, divide by K = 3: col0 (4+2)/3 = 2; col1 (3+2)/3; col2 0; col3 (-3-1)/3; col4 -0.3/3
+    merged = ties_merge_as_written(TAU_BY_HAND)
+    expected = torch.tensor([2.0, 5.0 / 3, 0.0, -4.0 / 3, -0.1])
+    assert torch.allclose(merged, expected)
+
+
+def test_average_and_task_arithmetic():
+    assert torch.allclose(average(TAU_BY_HAND), TAU_BY_HAND.mean(0))
+    assert torch.allclose(task_arithmetic(TAU_BY_HAND, 0.3), 0.3 * TAU_BY_HAND.sum(0))
+
+
+def test_bad_input_is_a_value_error():
+    with pytest.raises(ValueError, match=r"\[K, P\]"):
+        ties_merge(torch.ones(5))
+    with pytest.raises(ValueError, match="density must be in"):
+        trim(TAU_BY_HAND, 0.0)
+    with pytest.raises(ValueError, match="sign rule"):
+        elect_sign(TAU_BY_HAND, "median")
