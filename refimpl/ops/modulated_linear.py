@@ -1,6 +1,9 @@
 """The modulated linear map of Geometric Intelligence (seed 003): weights that depend on a coordinate.
 
-The write-up (mghbot/geometric-intellgence-10m-model) replaces a fixed weight W by
+Source: the write-up (mghbot/geometric-intellgence-10m-model); no paper describes it. Each term is a
+rank-r update like LoRA's (Hu et al. 2021, arXiv:2106.09685), scaled by a coefficient of the coordinate.
+
+The write-up replaces a fixed weight W by
 
     W_eff(theta) = W_base + sum_i [ cos(theta . c_i) U_i V_i^T + sin(theta . c_i) P_i Q_i^T ]
 

@@ -1,5 +1,8 @@
 """Neighbourhood attention on a 3D grid of neurons: plain PyTorch, written to be read.
 
+Paper: the pattern is Hassani et al. 2023, "Neighborhood Attention Transformer", arXiv:2204.07143
+(each query attends to the window around it), here on a 3D grid as Sintellix's write-up describes.
+
 Chapter 01 (Sintellix) arranges neurons in a 3D grid (32 x 32 x 32 in the write-up, a
 d-dimensional state each, 8 heads of d / 8). Every neuron runs multi-head attention over
 its neighbours: softmax(q k^T / sqrt(D)) v, with the keys and values of the neurons around it.

@@ -1,5 +1,8 @@
 """True INT6 / INT4 bit packing of quantised weights, and dequantisation straight from the packed bytes.
 
+Source: the write-up (seed 001) and the parameter-golf entries it follows; no paper. The layout is
+the plain one: values side by side, low bits first.
+
 Chapter 02 (seed 001, H-ENN) claims an "INT6" artifact; its public code stores int8 per tensor. Here
 the bits are really packed (values from `refimpl.quant.quantize_per_row`):
 

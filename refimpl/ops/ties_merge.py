@@ -15,6 +15,14 @@ TIES, in its three steps:
 The write-up's variant (`ties_merge_as_written`) differs in three places: it keeps 80% rather than
 20%, elects the sign by counting votes rather than summing mass, and divides by K (every model)
 rather than by the number that agree; it has no lambda.
+
+Shapes: tau [K, P] (float, finite) -> merged change [P].
+
+Glossary: K task vectors (fine-tuned models), P parameters, density the fraction trim keeps, lam (lambda)
+the scale of the merged change.
+
+Does not include: building task vectors from models (`refimpl.specialists`), DARE's random drop-and-rescale,
+or per-layer densities.
 """
 
 from __future__ import annotations
