@@ -5,6 +5,8 @@
 #   make doctor what this machine can run: Python and package versions, kernel backends, CUDA C compilers
 #   make browser  Debian's chromium for the real-browser test (`make test` asks for it; needs root and apt)
 #   make stress   the thread, store, notebook-start and browser tests many times with both cores kept busy
+#   make gpu-check  on a GPU machine: every CUDA kernel checked and timed, JSON under benchmarks/results/
+#                   (make gpu-check-dry-run rehearses it anywhere, on numba's CUDA simulator)
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -16,7 +18,7 @@ PORT    ?= 8888
 # Notebook kernels are started as `python` from PATH: make it the environment's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: book test lab env benchmark doctor browser stress clean
+.PHONY: book test lab env benchmark doctor browser stress gpu-check gpu-check-dry-run clean
 
 env: $(STAMP)
 
@@ -70,6 +72,18 @@ benchmark: $(STAMP)
 
 doctor: $(STAMP)
 	$(BIN)/python -m book.doctor
+
+# On a GPU machine: the machine's own Python, torch, CuPy and numba-cuda (no venv); only the project is
+# installed, without dependencies. Every kernel checked and timed, ceilings, the chapters; JSON under
+# benchmarks/results/ (commit it). GPU_PYTHON to pick the interpreter; GPU_CHECK_ARGS, e.g. "--steps kernels".
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m pip install --quiet --no-deps -e .
+	$(GPU_PYTHON) -m book.gpu_check $(GPU_CHECK_ARGS)
+
+# The same script on any machine: numba's CUDA simulator, tiny sizes (tests/test_gpu_check.py runs it in CI).
+gpu-check-dry-run: $(STAMP)
+	$(BIN)/python -m book.gpu_check --dry-run $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

@@ -111,8 +111,8 @@ KERNEL_DTYPES = {"reference": (torch.float32, torch.float64), "numba": (torch.fl
 
 
 def example_shapes(size: str) -> dict:
-    """The sizes every op's examples are drawn at: `tiny` (what numba's CUDA simulator runs) or `small`
-    (the `small` baseline preset's C, H, G, D at batch 16).
+    """The sizes every op's examples are drawn at: `tiny` (what numba's CUDA simulator runs), `small`
+    (the `small` baseline preset's C, H, G, D at batch 16) or `large` (a GPU's: `make gpu-check`).
 
     Both are chosen so that a wrong kernel cannot pass by luck: batch B >= 2, T not a multiple of any
     chunk size (16, 32, 64), value width V != key width D, and enough rows that every launch of a
@@ -128,11 +128,13 @@ def example_shapes(size: str) -> dict:
         p = BaselineConfig.preset("small")
         return dict(B=16, T=p.max_seq_len - 1, C=p.d_model, H=p.n_heads, G=p.n_kv_heads, D=p.head_dim,
                     V=p.head_dim + p.head_dim // 2, E=4, k=2, window=32, R=16 * (p.max_seq_len - 1))
-    raise ValueError(f"example size must be 'tiny' or 'small', got {size!r}")
+    if size == "large":       # for a GPU (make gpu-check): enough work per launch to fill one, same rules as above
+        return dict(B=8, T=511, C=512, H=8, G=2, D=64, V=96, E=8, k=2, window=128, R=8 * 511)
+    raise ValueError(f"example size must be 'tiny', 'small' or 'large', got {size!r}")
 
 
 def example_inputs(size: str = "tiny", device="cpu", seed: int = 0) -> dict:
-    """Every registered op's example inputs, {case name: (op, args, kwargs)}, at `tiny` or `small` size."""
+    """Every registered op's example inputs, {case name: (op, args, kwargs)}, at `tiny`, `small` or `large` size."""
     from kernels import OP_MODULES
     shapes = example_shapes(size)
     generator = torch.Generator().manual_seed(seed)
