@@ -6,6 +6,13 @@ Batches come from a generator seeded by the config and evaluation windows are
 fixed, so two runs of the same model (seed its initialisation with
 torch.manual_seed before building it) with the same config give the same curve.
 Batches are moved to the model's device.
+
+Under `torchrun` (torch.distributed initialised, more than one process) the same loop trains data-parallel:
+every process draws the same global batch from the seeded generator and takes its own equal slice of the rows,
+the model is wrapped in DistributedDataParallel (which averages the gradients across processes during
+backward), and the reported loss is averaged across processes. So N processes on a batch of B rows compute
+what one process computes on the whole batch, up to float rounding (tests/test_distributed.py checks it).
+See book/distributed.py for the command.
 """
 
 from __future__ import annotations
@@ -109,6 +116,21 @@ def _forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) 
     return loss.item()
 
 
+def data_parallel() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless torch.distributed is initialised."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _mean_over_processes(value: float, device: torch.device) -> float:
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
 def train(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, progress: bool = True,
           description: str = "train", forward_backward=None, after_step=None) -> History:
     """Train `model` on `corpus.train`, evaluating bits per byte on `corpus.val` as it goes.
@@ -120,6 +142,15 @@ def train(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, progress
     forward_backward = forward_backward or _forward_backward
     generator = torch.Generator().manual_seed(cfg.seed)
     device = _device_of(model)
+    rank, world = data_parallel()
+    stepped = model
+    if world > 1:
+        if cfg.batch_size % world:
+            raise ValueError(f"train: batch_size={cfg.batch_size} must be a multiple of the {world} processes "
+                             "(each takes an equal slice of every batch)")
+        from torch.nn.parallel import DistributedDataParallel
+        stepped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        progress = progress and rank == 0
     optimizer = make_optimizer(model, cfg)
     history = History(config=asdict(cfg))
     model.train()
@@ -128,9 +159,13 @@ def train(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, progress
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        x, y = random_batch(corpus.train, cfg.batch_size, cfg.seq_len, generator)
+        x, y = random_batch(corpus.train, cfg.batch_size, cfg.seq_len, generator)   # the global batch
+        if world > 1:
+            x, y = x.chunk(world)[rank], y.chunk(world)[rank]                     # this process's rows
         optimizer.zero_grad(set_to_none=True)
-        loss = forward_backward(model, x.to(device), y.to(device))
+        loss = forward_backward(stepped, x.to(device), y.to(device))
+        if world > 1:
+            loss = _mean_over_processes(loss, device)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step}; lower the learning rate")
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
