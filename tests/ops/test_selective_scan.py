@@ -160,9 +160,12 @@ def test_mamba_layer_with_numba_selective_scan_equals_reference():
 
 # ---------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("backend", ["reference", "numba"])
-def test_selective_scan_bad_shapes_are_value_errors(backend):
-    scan = kernels.get("selective_scan", backend)
+SCANS = {"reference": kernels.get("selective_scan", "reference"), "numba": kernels.get("selective_scan", "numba"),
+         "step loop": selective_scan_recurrent, "chunked": selective_scan_chunked}
+
+
+@pytest.mark.parametrize("scan", SCANS.values(), ids=SCANS.keys())
+def test_selective_scan_bad_shapes_are_value_errors(scan):
     u, delta, A, Bm, Cm, D, h0 = _scan_inputs(2, 5, 3, 4, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"A must be \[Dm, N\]"):
         scan(u, delta, A.T, Bm, Cm)
@@ -237,13 +240,3 @@ def test_carried_state_equals_one_shot():
     y2, h2 = selective_scan_chunked(u[:, 20:], delta[:, 20:], A, Bm[:, 20:], Cm[:, 20:], D, h1)
     assert_close(torch.cat([y1, y2], dim=1), y, "outputs, split at 20")
     assert_close(h2, h, "final state, split at 20")
-
-
-def test_bad_arguments_are_value_errors():
-    u, delta, A, Bm, Cm, D, h0 = _inputs()
-    with pytest.raises(ValueError, match=r"A must be \[Dm, N\]"):
-        selective_scan_recurrent(u, delta, A.T, Bm, Cm)
-    with pytest.raises(ValueError, match=r"Cm must be \[B, T, N\]"):
-        selective_scan_chunked(u, delta, A, Bm, Cm[:, :3])
-    with pytest.raises(ValueError, match=r"initial_state must be \[B, Dm, N\]"):
-        selective_scan_chunked(u, delta, A, Bm, Cm, D, h0[:1])
