@@ -146,17 +146,8 @@ def _prepare_unpack(packed, n, bits, backend):
     return packed.reshape(rows, packed.shape[-1]), out.view(rows, n), out, _workers(rows, n, bits)
 
 
-def _check_dequantize_args(packed, scale, n, bits) -> int:
-    """refimpl.ops.dequantize_packed's own checks (it has no separate check function), same messages."""
-    rows = ops.check_unpack_args(packed, n, bits)
-    if packed.dim() != 2 or not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (rows,):
-        raise ValueError(f"dequantize_packed: need packed [R, bytes] and scale [R], got "
-                         f"{list(packed.shape)} and {list(getattr(scale, 'shape', []))}")
-    return rows
-
-
 def _prepare_dequantize(packed, scale, n, bits, backend, scale_dtypes):
-    _check_dequantize_args(packed, scale, n, bits)
+    ops.check_dequantize_packed_args(packed, scale, n, bits)
     expect_dtype("dequantize_packed", "scale", scale, scale_dtypes)
     expect_device("dequantize_packed", backend, {"packed": packed, "scale": scale})
     forward_only("dequantize_packed", scale)                 # the reference would pass a gradient to scale

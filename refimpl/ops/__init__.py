@@ -44,8 +44,8 @@ from refimpl.ops.moe import check_moe_combine_args, check_moe_dispatch_args, moe
 from refimpl.ops.neighbourhood_attention import (check_neighbourhood_attention_args, neighbour_count,
                                                  neighbourhood_attention, neighbourhood_attention_dense,
                                                  neighbourhood_mask)
-from refimpl.ops.quant_packing import (PACKED_BITS, check_pack_args, check_unpack_args, dequantize_packed, pack_bits,
-                                       packed_length, unpack_bits)
+from refimpl.ops.quant_packing import (PACKED_BITS, check_dequantize_packed_args, check_pack_args, check_unpack_args,
+                                       dequantize_packed, pack_bits, packed_length, unpack_bits)
 from refimpl.ops.rms_norm import check_rms_norm_args, rms_norm
 from refimpl.ops.selective_scan import (check_selective_scan_args, selective_scan, selective_scan_chunked,
                                         selective_scan_recurrent)
@@ -64,7 +64,7 @@ SWAPPABLE = {
 }
 
 __all__ = ["adam_clip_step", "attention", "attention_mask", "average", "check_adam_clip_args",
-           "check_attention_args", "check_fast_weight_args", "check_gated_delta_rule_args", "check_mamba3_args",
+           "check_attention_args", "check_dequantize_packed_args", "check_fast_weight_args", "check_gated_delta_rule_args", "check_mamba3_args",
            "check_mlstm_args", "check_modulated_linear_args", "check_moe_combine_args", "check_moe_dispatch_args",
            "check_neighbourhood_attention_args", "check_pack_args", "check_rms_norm_args",
            "check_selective_scan_args", "check_ties_merge_args", "check_unpack_args", "check_vq_nearest_args", "CLIP_EPS",

@@ -14,7 +14,8 @@ got, e.g.
 
     gated_delta_rule: v must be [B, T, H, V] = [2, 19, 4, V], got [2, 19, 3, 8]
 
-It also requires every size >= 1 and one dtype and device for all of them. Checks a contract cannot
+It also requires every size >= 1, one device for all, and one dtype for the floating-point ones (an argument may
+be declared "integer:" or "uint8:" instead). Checks a contract cannot
 say (a value range, a keyword's type, H % G == 0) stay in the op's own `check_*` function, next to it.
 The kernels call the same function, so a reference and its kernels refuse the same inputs.
 
@@ -52,15 +53,25 @@ class Contract:
 
     Each shape is a string of space-separated dimension letters (a letter may be a word, "Dk"); a leading
     "..." allows any number of leading dimensions (RMSNorm's x [..., C]); a trailing "?" lets the argument
-    be None.
+    be None. Arguments are floating-point tensors, all of one dtype, unless the shape starts with a kind:
+    "integer: ... n" (any integer dtype) or "uint8: R bytes" (exactly uint8); every argument shares a device.
+    Sizes must be >= 1 unless `empty_ok` (bit packing takes empty rows).
     """
 
-    def __init__(self, op: str, shapes: dict[str, str] | None = None, **more: str):
-        self.op = op
+    KINDS = {"float": "a floating-point tensor", "integer": "an integer tensor", "uint8": "a uint8 tensor"}
+
+    def __init__(self, op: str, shapes: dict[str, str] | None = None, *, empty_ok: bool = False, **more: str):
+        self.op, self.empty_ok = op, empty_ok
         self.shapes: dict[str, tuple[tuple[str, ...], bool, bool]] = {}
+        self.kinds: dict[str, str] = {}
         for name, spec in {**(shapes or {}), **more}.items():
-            optional = spec.endswith("?")
-            letters = spec.rstrip("?").split()
+            kind, _, rest = spec.rpartition(":")
+            kind = kind.strip() or "float"
+            if kind not in self.KINDS:
+                raise ValueError(f"Contract {op}: {name}'s kind must be one of {sorted(self.KINDS)}, got {kind!r}")
+            self.kinds[name] = kind
+            optional = rest.endswith("?")
+            letters = rest.rstrip("?").split()
             leading = bool(letters) and letters[0] == "..."
             letters = tuple(letters[1:] if leading else letters)
             if not letters or "..." in letters:
@@ -79,6 +90,16 @@ class Contract:
             text += f" = [{', '.join(('...',) * leading + tuple(str(sizes.get(l, l)) for l in letters))}]"
         return text + ("?" if optional and sizes is None else "")
 
+    @staticmethod
+    def _of_kind(t, kind: str) -> bool:
+        if not isinstance(t, torch.Tensor):
+            return False
+        if kind == "float":
+            return t.is_floating_point()
+        if kind == "uint8":
+            return t.dtype == torch.uint8
+        return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
     def check(self, tensors: dict | None = None, **more) -> tuple[int, ...]:
         """Verify every declared argument (all must be passed, by name); return one size per letter, in the
         order the letters first appear in the contract (0 for a letter only an absent optional argument has).
@@ -90,14 +111,15 @@ class Contract:
         if set(tensors) != set(self.shapes):
             raise TypeError(f"Contract {self.op}: check() takes exactly {sorted(self.shapes)}, got {sorted(tensors)}")
         sizes: dict[str, int] = {}
-        first: tuple[str, torch.Tensor] | None = None
+        first: tuple[str, torch.Tensor] | None = None          # the device every argument must share
+        first_float: tuple[str, torch.Tensor] | None = None    # the dtype every float argument must share
         for name, (letters, optional, leading) in self.shapes.items():
             t = tensors[name]
             if t is None and optional:
                 continue
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-                fail(f"{self.op}: {name} must be a floating-point tensor {self._written(name)}, got {kind}")
+            if not self._of_kind(t, self.kinds[name]):
+                got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+                fail(f"{self.op}: {name} must be {self.KINDS[self.kinds[name]]} {self._written(name)}, got {got}")
             own = t.shape[t.dim() - len(letters):] if leading else t.shape
             if (t.dim() < len(letters) if leading else t.dim() != len(letters)) or any(
                     sizes.get(l, n) != n for l, n in zip(letters, own)):
@@ -106,12 +128,15 @@ class Contract:
                 sizes.setdefault(l, n)
             if first is None:
                 first = (name, t)
-            elif t.dtype != first[1].dtype:
-                fail(f"{self.op}: {name} must have {first[0]}'s dtype {first[1].dtype}, got {t.dtype}")
             elif t.device != first[1].device:
                 fail(f"{self.op}: {name} must be on {first[0]}'s device {first[1].device} (one device for all), "
                      f"got {t.device}")
+            if self.kinds[name] == "float":
+                if first_float is None:
+                    first_float = (name, t)
+                elif t.dtype != first_float[1].dtype:
+                    fail(f"{self.op}: {name} must have {first_float[0]}'s dtype {first_float[1].dtype}, got {t.dtype}")
         empty = [f"{l} = {n}" for l, n in sizes.items() if n < 1]
-        if empty:
+        if empty and not self.empty_ok:
             fail(f"{self.op}: every size must be >= 1, got {', '.join(empty)}")
         return tuple(sizes.get(l, 0) for l in self.letters)

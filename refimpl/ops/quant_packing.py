@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from refimpl.ops.contract import Contract
+
 
 PACKED_BITS = (4, 6)
 
@@ -39,33 +41,47 @@ def packed_length(n: int, bits: int) -> int:
     return 3 * -(-n // 4) if bits == 6 else -(-n // 2)
 
 
+PACK_BITS = Contract("pack_bits", q="integer: ... n", empty_ok=True)
+UNPACK_BITS = Contract("unpack_bits", packed="uint8: ... bytes", empty_ok=True)
+DEQUANTIZE_PACKED = Contract("dequantize_packed", packed="uint8: R bytes", scale="R", empty_ok=True)
+
+
+def _check_bits(op: str, bits) -> None:
+    if bits not in PACKED_BITS:
+        raise ValueError(f"{op}: bits must be one of {PACKED_BITS}, got {bits!r}")
+
+
 def check_pack_args(q, bits: int) -> tuple[int, int]:
     """Validate pack_bits' arguments; return (rows, n): q viewed as [rows, n]."""
-    if bits not in PACKED_BITS:
-        raise ValueError(f"pack_bits: bits must be one of {PACKED_BITS}, got {bits!r}")
-    if not isinstance(q, torch.Tensor) or q.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):
-        raise ValueError(f"pack_bits: values must be an integer tensor [..., n], got "
-                         f"{getattr(q, 'dtype', type(q).__name__)}")
-    if q.dim() < 1:
-        raise ValueError("pack_bits: values must have at least one dimension [..., n]")
+    _check_bits("pack_bits", bits)
+    (n,) = PACK_BITS.check(q=q)
     low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if q.numel() and (int(q.min()) < low or int(q.max()) > high):
         raise ValueError(f"pack_bits: {bits}-bit values must lie in [{low}, {high}], "
                          f"got [{int(q.min())}, {int(q.max())}]")
-    return math.prod(q.shape[:-1]), q.shape[-1]
+    return math.prod(q.shape[:-1]), n
+
+
+def _check_length(op: str, row_bytes: int, n, bits: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0 or row_bytes != packed_length(n, bits):
+        raise ValueError(f"{op}: {n} values at {bits} bits need {packed_length(max(int(n), 0), bits)} "
+                         f"bytes per row, got {row_bytes}")
 
 
 def check_unpack_args(packed, n: int, bits: int) -> int:
     """Validate unpack_bits' arguments; return rows: packed viewed as [rows, packed_length(n, bits)]."""
-    if bits not in PACKED_BITS:
-        raise ValueError(f"unpack_bits: bits must be one of {PACKED_BITS}, got {bits!r}")
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() < 1:
-        raise ValueError(f"unpack_bits: packed must be a uint8 tensor [..., bytes], got "
-                         f"{getattr(packed, 'dtype', type(packed).__name__)} {list(getattr(packed, 'shape', []))}")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0 or packed.shape[-1] != packed_length(n, bits):
-        raise ValueError(f"unpack_bits: {n} values at {bits} bits need {packed_length(max(int(n), 0), bits)} "
-                         f"bytes per row, got {packed.shape[-1]}")
+    _check_bits("unpack_bits", bits)
+    (row_bytes,) = UNPACK_BITS.check(packed=packed)
+    _check_length("unpack_bits", row_bytes, n, bits)
     return math.prod(packed.shape[:-1])
+
+
+def check_dequantize_packed_args(packed, scale, n: int, bits: int) -> int:
+    """Validate dequantize_packed's arguments; return the rows R."""
+    _check_bits("dequantize_packed", bits)
+    R, row_bytes = DEQUANTIZE_PACKED.check(packed=packed, scale=scale)
+    _check_length("dequantize_packed", row_bytes, n, bits)
+    return R
 
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -105,8 +121,5 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, n: int, bits: i
     """A packed per-row quantised matrix back to float32: packed uint8 [R, packed_length(n, bits)],
     scale [R] -> [R, n] (unpack, then multiply row r by scale[r]). The op a model loading the
     artifact runs once per weight; kernels fuse the two steps."""
-    rows = check_unpack_args(packed, n, bits)
-    if packed.dim() != 2 or not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (rows,):
-        raise ValueError(f"dequantize_packed: need packed [R, bytes] and scale [R], got "
-                         f"{list(packed.shape)} and {list(getattr(scale, 'shape', []))}")
+    check_dequantize_packed_args(packed, scale, n, bits)
     return unpack_bits(packed, n, bits).float() * scale.float()[:, None]

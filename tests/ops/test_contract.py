@@ -61,10 +61,26 @@ def test_an_undeclared_or_missing_argument_is_a_programming_error():
 
 
 def test_every_op_declares_its_shapes_as_a_contract():
-    """Each op file's argument check is built on a Contract (the quant packing ops take integer tensors and
-    check their own), so a reference and its kernels refuse shapes in one wording."""
+    """Each op file's argument check is built on a Contract, so a reference and its kernels refuse shapes in one
+    wording."""
     import importlib
     for op in ops.SWAPPABLE:
         module = importlib.import_module(f"refimpl.ops.{op}")
         contracts = [v for v in vars(module).values() if isinstance(v, Contract)]
-        assert contracts or op == "quant_packing", f"refimpl/ops/{op}.py declares no Contract"
+        assert contracts, f"refimpl/ops/{op}.py declares no Contract"
+
+
+def test_integer_and_uint8_arguments_and_empty_sizes():
+    c = Contract("dequantize", packed="uint8: R bytes", scale="R")
+    assert c.check(packed=torch.zeros(2, 3, dtype=torch.uint8), scale=torch.ones(2)) == (2, 3)
+    with pytest.raises(ValueError, match=r"packed must be a uint8 tensor \[R, bytes\], got torch.int8"):
+        c.check(packed=torch.zeros(2, 3, dtype=torch.int8), scale=torch.ones(2))
+    assert c.check(packed=torch.zeros(2, 3, dtype=torch.uint8), scale=torch.ones(2, dtype=torch.float64)) == (2, 3)
+    ints = Contract("pack", q="integer: ... n")
+    with pytest.raises(ValueError, match=r"q must be an integer tensor \[..., n\], got torch.bool"):
+        ints.check(q=torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="every size must be >= 1, got n = 0"):
+        ints.check(q=torch.zeros(2, 0, dtype=torch.int8))
+    assert Contract("pack", q="integer: ... n", empty_ok=True).check(q=torch.zeros(2, 0, dtype=torch.int8)) == (0,)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Contract("bad", x="complex: N")

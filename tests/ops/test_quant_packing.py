@@ -387,7 +387,7 @@ def test_bad_input_is_a_value_error():
         unpack_bits(torch.zeros(2, dtype=torch.uint8), 4, 6)
     with pytest.raises(ValueError, match="uint8"):
         unpack_bits(torch.zeros(3, dtype=torch.int8), 4, 6)
-    with pytest.raises(ValueError, match=r"scale \[R\]"):
+    with pytest.raises(ValueError, match=r"scale must be \[R\] = \[2\], got \[3\]"):
         dequantize_packed(torch.zeros(2, 3, dtype=torch.uint8), torch.ones(3), 4, 6)
     with pytest.raises(ValueError, match="bits must be one of"):
         quantize_per_row(torch.randn(2, 2), 5)
