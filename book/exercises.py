@@ -1,0 +1,213 @@
+"""Exercises with checked answers: the reader writes a function, `check` runs it beside the book's own code.
+
+    from book.exercises import check, exercise
+    exercise("rms_norm")                  # the task, the signature and a stub to copy
+    def my_rms_norm(x, weight, eps): ...
+    check("rms_norm", my_rms_norm)        # ✓, or what is wrong in plain words: shape, which element, by how much
+
+Each exercise compares the reader's function with the reference that the models really run (`refimpl.ops`,
+`refimpl.blocks`) on several random inputs, with the book's one comparison (`kernels.check.compare`, float32
+tolerances). The worked solutions live in `book/solutions.py`, not in the notebooks' cells; a test runs every
+solution through its checker and requires every stub to fail it.
+
+Does not include: grading of style or speed; an answer is right when its numbers are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from refimpl import ops
+from refimpl.blocks import apply_rope, rope_tables
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One task: what to write, the inputs it is tried on, and the book's answer to compare with."""
+    name: str
+    task: str                                  # what to write, in a sentence or two (Markdown)
+    signature: str                             # the def line the reader's function should have
+    make_inputs: Callable[[torch.Generator], tuple]   # one set of arguments, drawn from the generator
+    reference: Callable                        # the book's own code, given the same arguments
+
+    def stub(self) -> str:
+        """The def to copy into a cell: the signature and a body that says it is not written yet."""
+        return f"{self.signature}\n    raise NotImplementedError(\"your code here\")\n"
+
+
+def _randn(g: torch.Generator, *shape) -> torch.Tensor:
+    return torch.randn(*shape, generator=g)
+
+
+def _rope_inputs(g):
+    x = _randn(g, 2, 5, 3, 8)
+    cos, sin = rope_tables(torch.arange(5), 8)
+    return x, cos, sin
+
+
+def _attention_inputs(g):
+    return _randn(g, 6, 4), _randn(g, 6, 4), _randn(g, 6, 4)
+
+
+def _one_head_attention(q, k, v):
+    return ops.attention(q[None, :, None], k[None, :, None], v[None, :, None], causal=True)[0, :, 0]
+
+
+def _scan_step_inputs(g):
+    Dm, N = 4, 3
+    h = _randn(g, Dm, N)
+    u, delta = _randn(g, Dm), torch.rand(Dm, generator=g) + 0.1
+    A = -torch.rand(Dm, N, generator=g) - 0.1
+    B, C, D = _randn(g, N), _randn(g, N), _randn(g, Dm)
+    return h, u, delta, A, B, C, D
+
+
+def _scan_step(h, u, delta, A, B, C, D):
+    y, h_next = ops.selective_scan_recurrent(u[None, None], delta[None, None], A, B[None, None], C[None, None], D,
+                                             h[None])
+    return y[0, 0], h_next[0]
+
+
+def _delta_step_inputs(g):
+    K, V = 4, 3
+    S = _randn(g, V, K)
+    k = torch.nn.functional.normalize(_randn(g, K), dim=0)
+    q = torch.nn.functional.normalize(_randn(g, K), dim=0)
+    v = _randn(g, V)
+    alpha, beta = float(torch.rand(1, generator=g)) * 0.5 + 0.5, float(torch.rand(1, generator=g))
+    return S, q, k, v, alpha, beta
+
+
+def _delta_step(S, q, k, v, alpha, beta):
+    o, S_next = ops.gated_delta_rule_recurrent(q[None, None, None], k[None, None, None], v[None, None, None],
+                                               torch.full((1, 1, 1), math.log(alpha)), torch.full((1, 1, 1), beta),
+                                               S[None, None], scale=1.0)
+    return o[0, 0, 0], S_next[0, 0]
+
+
+EXERCISES = {e.name: e for e in [
+    Exercise("rms_norm",
+             "Normalise each vector of `x` by its root mean square, then scale by `weight`: "
+             "$y = x / \\sqrt{\\mathrm{mean}(x^2) + \\epsilon} \\cdot w$ over the last dimension.",
+             "def rms_norm(x, weight, eps):",
+             lambda g: (_randn(g, 2, 5, 8), _randn(g, 8), 1e-6), ops.rms_norm),
+    Exercise("rope",
+             "Rotate each head's pairs $(x_i, x_{i+D/2})$ by the angle of its position: "
+             "$(x_1 \\cos - x_2 \\sin,\\; x_1 \\sin + x_2 \\cos)$ with the two halves of the last dimension "
+             "as $x_1, x_2$ (x: [B, T, H, D], cos, sin: [T, D/2]).",
+             "def rope(x, cos, sin):",
+             _rope_inputs, apply_rope),
+    Exercise("causal_mask",
+             "The boolean [T, S] mask of which keys query t may see: itself and earlier positions "
+             "(queries are the last T of S positions), and with `window` W only the last W of those.",
+             "def causal_mask(T, S, window):",
+             lambda g: (int(torch.randint(1, 6, (1,), generator=g)) + 2, 9, int(torch.randint(1, 5, (1,), generator=g))),
+             lambda T, S, window: ops.attention_mask(T, S, causal=True, window=window)),
+    Exercise("attention",
+             "Causal softmax attention for one head: $\\mathrm{softmax}(q k^T / \\sqrt{D} + M) v$, "
+             "q, k, v: [T, D], M = -inf above the diagonal.",
+             "def attention(q, k, v):",
+             _attention_inputs, _one_head_attention),
+    Exercise("scan_step",
+             "One step of Mamba's selective scan for one token: $h' = e^{\\Delta A} h + \\Delta\\, u\\, B$, "
+             "$y = h' C + D u$ (h: [Dm, N], u, delta, D: [Dm], A: [Dm, N], B, C: [N]). Return (y, h').",
+             "def scan_step(h, u, delta, A, B, C, D):",
+             _scan_step_inputs, _scan_step),
+    Exercise("delta_rule_step",
+             "One step of the gated delta rule: $S' = \\alpha S + \\beta (v - \\alpha S k) k^T$, read "
+             "$o = S' q$ (S: [V, K], q, k: [K], v: [V], alpha, beta: numbers). Return (o, S').",
+             "def delta_rule_step(S, q, k, v, alpha, beta):",
+             _delta_step_inputs, _delta_step),
+]}
+
+
+def exercise(name: str) -> Exercise:
+    """The exercise `name`, displayed (task and stub) in a notebook."""
+    if name not in EXERCISES:
+        raise KeyError(f"no exercise {name!r}; the exercises are {', '.join(EXERCISES)}")
+    e = EXERCISES[name]
+    try:
+        from IPython.display import Markdown, display
+        display(Markdown(f"**Exercise `{name}`.** {e.task}\n\n```python\n{e.stub()}```\n\n"
+                         f"Then `check({name!r}, your_function)`."))
+    except ImportError:
+        print(f"Exercise {name}: {e.task}\n{e.stub()}")
+    return e
+
+
+@dataclass
+class CheckResult:
+    """What `check` found: passed, and one plain sentence per problem (empty when it passed)."""
+    name: str
+    passed: bool
+    problems: list[str]
+
+    def __str__(self) -> str:
+        if self.passed:
+            return f"✓ {self.name}: right on every input tried"
+        return f"✗ {self.name}: " + "; ".join(self.problems)
+
+
+def _outputs(value) -> list:
+    return list(value) if isinstance(value, tuple) else [value]
+
+
+def _difference(got, expected, label: str) -> str | None:
+    """None if `got` matches `expected`, else what is wrong in plain words."""
+    from kernels.check import compare
+    if not isinstance(got, torch.Tensor):
+        return f"{label} is a {type(got).__name__}, expected a tensor of shape {list(expected.shape)}"
+    if tuple(got.shape) != tuple(expected.shape):
+        return f"{label} has shape {list(got.shape)}, expected {list(expected.shape)}"
+    if expected.dtype == torch.bool or got.dtype == torch.bool:
+        if got.dtype != expected.dtype:
+            return f"{label} is {got.dtype}, expected {expected.dtype}"
+        wrong = (got != expected).nonzero()
+        if len(wrong):
+            at = tuple(int(i) for i in wrong[0])
+            return f"{label}: {len(wrong)} of {expected.numel()} entries wrong, first at {at}: got {bool(got[at])}"
+        return None
+    result = compare(got.to(expected.dtype), expected)
+    if result.passed:
+        return None
+    err = (got.double() - expected.double()).abs()
+    at = tuple(int(i) for i in (~(err <= result.atol + result.rtol * expected.double().abs())).nonzero()[0])
+    n_bad = int((~(err <= result.atol + result.rtol * expected.double().abs())).sum())
+    return (f"{label}: {n_bad} of {expected.numel()} elements are off; at {at} you have {float(got[at]):.4g}, "
+            f"the book has {float(expected[at]):.4g} (off by {float(err[at]):.2g})")
+
+
+def check(name: str, fn: Callable, trials: int = 3, quiet: bool = False) -> CheckResult:
+    """Run `fn` beside exercise `name`'s reference on `trials` random inputs; print and return the verdict."""
+    if name not in EXERCISES:
+        raise KeyError(f"no exercise {name!r}; the exercises are {', '.join(EXERCISES)}")
+    e = EXERCISES[name]
+    problems: list[str] = []
+    for trial in range(trials):
+        g = torch.Generator().manual_seed(1000 + trial)
+        args = e.make_inputs(g)
+        expected = _outputs(e.reference(*args))
+        try:
+            got = _outputs(fn(*args))
+        except NotImplementedError:
+            problems = ["not written yet (the stub raises NotImplementedError)"]
+            break
+        except Exception as err:                      # the reader's code: say what it raised, in one line
+            problems = [f"raised {type(err).__name__}: {err}"]
+            break
+        if len(got) != len(expected):
+            problems = [f"returned {len(got)} value(s), expected {len(expected)}"]
+            break
+        labels = ["the result"] if len(expected) == 1 else [f"output {i}" for i in range(len(expected))]
+        found = [d for g_, x, label in zip(got, expected, labels) if (d := _difference(g_, x, label))]
+        if found:
+            problems = [f"on input set {trial + 1}: " + "; ".join(found)]
+            break
+    result = CheckResult(name, not problems, problems)
+    if not quiet:
+        print(result)
+    return result

@@ -1,0 +1,49 @@
+"""Worked solutions to `book.exercises`, one function per exercise, written the plain way (not the book's code
+with its checks and fast paths). Kept out of the notebooks' cells; `show(solutions.rms_norm)` reveals one.
+tests/test_exercises.py runs each through its checker."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rms_norm(x, weight, eps):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
+    return x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight
+
+
+def rope(x, cos, sin):
+    """Rotate the pairs (first half, second half) of each head by their position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)                           # [B, T, H, D/2] each
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def causal_mask(T, S, window):
+    """Query t sits at position S - T + t; it sees key s when s <= that position and s > position - window."""
+    query = torch.arange(S - T, S)[:, None]
+    key = torch.arange(S)[None, :]
+    return (key <= query) & (key > query - window)
+
+
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(D), future masked) v."""
+    T, D = q.shape
+    scores = q @ k.T / math.sqrt(D)
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
+
+
+def scan_step(h, u, delta, A, B, C, D):
+    """h' = exp(delta A) h + delta u B (per channel), y = h' C + D u."""
+    h_next = torch.exp(delta[:, None] * A) * h + (delta * u)[:, None] * B[None, :]
+    return h_next @ C + D * u, h_next
+
+
+def delta_rule_step(S, q, k, v, alpha, beta):
+    """S' = alpha S + beta (v - alpha S k) k^T; o = S' q."""
+    recalled = alpha * (S @ k)
+    S_next = alpha * S + beta * torch.outer(v - recalled, k)
+    return S_next @ q, S_next
