@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from book.show import display_markdown
 from refimpl import ops
 from refimpl.blocks import apply_rope, rope_tables
 
@@ -130,12 +131,8 @@ def exercise(name: str) -> Exercise:
     if name not in EXERCISES:
         raise KeyError(f"no exercise {name!r}; the exercises are {', '.join(EXERCISES)}")
     e = EXERCISES[name]
-    try:
-        from IPython.display import Markdown, display
-        display(Markdown(f"**Exercise `{name}`.** {e.task}\n\n```python\n{e.stub()}```\n\n"
-                         f"Then `check({name!r}, your_function)`."))
-    except ImportError:
-        print(f"Exercise {name}: {e.task}\n{e.stub()}")
+    display_markdown(f"**Exercise `{name}`.** {e.task}\n\n```python\n{e.stub()}```\n\n"
+                     f"Then `check({name!r}, your_function)`.", plain=f"Exercise {name}: {e.task}\n{e.stub()}")
     return e
 
 

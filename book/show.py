@@ -76,9 +76,8 @@ def source_of(obj, part: str | None = None) -> tuple[str, str, str]:
     return text.rstrip() + "\n", where, language
 
 
-def show(obj, part: str | None = None) -> str:
-    """Display the source of `obj` (see the module docstring) and return it."""
-    text, where, language = source_of(obj, part)
+def display_markdown(markdown: str, plain: str | None = None) -> None:
+    """Show `markdown` rendered in a notebook; print `plain` (default: the Markdown itself) anywhere else."""
     try:
         from IPython import get_ipython
         from IPython.display import Markdown, display
@@ -86,7 +85,13 @@ def show(obj, part: str | None = None) -> str:
     except ImportError:
         shell = None
     if shell is not None and shell.__class__.__name__ != "TerminalInteractiveShell":
-        display(Markdown(f"`{where}`\n\n```{language}\n{text}```"))
+        display(Markdown(markdown))
     else:
-        print(f"# {where}\n{text}")
+        print(markdown if plain is None else plain)
+
+
+def show(obj, part: str | None = None) -> str:
+    """Display the source of `obj` (see the module docstring) and return it."""
+    text, where, language = source_of(obj, part)
+    display_markdown(f"`{where}`\n\n```{language}\n{text}```", plain=f"# {where}\n{text}")
     return text

@@ -79,3 +79,13 @@ def test_the_solutions_are_not_the_books_code():
     source = inspect.getsource(solutions)
     assert "refimpl" not in source and "ops." not in source
     assert torch.equal(solutions.causal_mask(3, 5, 2), ops.attention_mask(3, 5, True, 2))
+
+
+def test_an_exercise_shows_its_task_and_stub(capsys):
+    from book.exercises import exercise
+    e = exercise("delta_rule_step")
+    out = capsys.readouterr().out
+    assert "def delta_rule_step(S, q, k, v, alpha, beta):" in out and "NotImplementedError" in out
+    assert e.name == "delta_rule_step"
+    with pytest.raises(KeyError, match="no exercise 'nope'; the exercises are rms_norm"):
+        exercise("nope")
