@@ -6,9 +6,9 @@ Notebooks call the helpers here so they hold only the story:
     book.save_figure(fig, "00_overview", "loss")   # figures/00_overview/loss.png (atomically)
     book.write_metrics("00_overview", {...})       # figures/00_overview/metrics.json
 
-Figures and metrics land under the repository's `figures/` unless
-BOOK_OUTPUT_DIR points elsewhere (the test suite points it into build/, so
-running the tests never rewrites the committed figures).
+Figures and metrics land under BOOK_OUTPUT_DIR. `make book` (`python -m book`) points it at the repository,
+so only it rewrites the committed `figures/`; anything else (a chapter run in JupyterLab, the tests) writes
+under build/ (build/interactive/ unless BOOK_OUTPUT_DIR says otherwise).
 
 `python -m book [--profile small]` executes every chapter notebook
 with papermill into build/book/notebooks/, then publishes: build/book/summary.md
@@ -46,9 +46,10 @@ def check_profile(name: str) -> str:
 
 
 def output_root() -> Path:
-    """Where figures/ and metrics are written: BOOK_OUTPUT_DIR, or the repository root."""
+    """Where figures/ and metrics are written: BOOK_OUTPUT_DIR (the repository root under `make book`), else
+    build/interactive/, so a chapter run by hand never rewrites the committed figures."""
     root = os.environ.get("BOOK_OUTPUT_DIR")
-    return Path(root).resolve() if root else ROOT
+    return Path(root).resolve() if root else ROOT / "build" / "interactive"
 
 
 def figures_dir(chapter: str) -> Path:
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publish-only", action="store_true",
                         help="skip executing: rebuild the summary, HTML edition and README front page from what ran")
     args = parser.parse_args(argv)
+    os.environ.setdefault("BOOK_OUTPUT_DIR", str(ROOT))   # make book, and only it, writes the committed figures/
     if args.publish_only:
         publish(Path(args.build_dir))
         return 0

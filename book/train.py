@@ -181,3 +181,63 @@ def train(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, progress
             bar.set_postfix(train_bpb=f"{history.train_bpb[-1]:.3f}", val_bpb=f"{val:.3f}")
     history.seconds = time.perf_counter() - start
     return history
+
+
+# ----------------------------------------------------------------------------
+# Cached training: a trained model is kept under build/cache/, so re-running a chapter (or jumping to a section)
+# loads it instead of training again. BOOK_RETRAIN=1 trains anyway.
+# ----------------------------------------------------------------------------
+
+CACHE_DIR_NAME = "cache"
+
+
+def cache_key(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, name: str, profile: str,
+              extra: dict | None = None) -> str:
+    """A hash of everything the trained weights depend on: the run's name and profile, the model's class, its
+    config (if it has `cfg`) and its initial parameters, the training config, the corpus bytes, and `extra`."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    model_cfg = getattr(model, "cfg", None)
+    digest.update(json.dumps({"name": name, "profile": profile, "model": type(model).__qualname__,
+                              "model_cfg": asdict(model_cfg) if hasattr(model_cfg, "__dataclass_fields__")
+                              else repr(model_cfg), "train": asdict(cfg), "extra": extra or {}},
+                             sort_keys=True, default=repr).encode())
+    for key, value in model.state_dict().items():         # the initial weights: another seed is another model
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for part in (corpus.train, corpus.val):
+        digest.update(part.cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def train_cached(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, *, chapter: str, name: str,
+                 profile: str, extra: dict | None = None, **train_kwargs) -> History:
+    """`train`, or, when this exact run was trained before, its weights and history loaded from
+    build/cache/<chapter>/<name>-<key>.tensors (a checked tensor file: no pickle). The key is `cache_key`;
+    BOOK_RETRAIN=1 trains anyway (and rewrites the file). `extra` names anything else the run depends on
+    (a forward_backward's settings, say). Returns the History; `history.cached_from` names the file it was
+    loaded from, or is None when it trained (not a dataclass field: it never reaches a chapter's metrics)."""
+    import os
+
+    from book.chapters import ROOT
+    from refimpl.io import read_tensors, write_tensors
+
+    key = cache_key(model, corpus, cfg, name, profile, extra)
+    path = ROOT / "build" / CACHE_DIR_NAME / chapter / f"{name}-{key}.tensors"
+    if path.exists() and os.environ.get("BOOK_RETRAIN") != "1":
+        try:
+            tensors, meta = read_tensors(path)
+            model.load_state_dict({k: v.to(_device_of(model)) for k, v in tensors.items()})
+            history = History(**meta["history"])
+            history.cached_from = str(path.relative_to(ROOT))
+            print(f"{name}: loaded the trained model from {path.relative_to(ROOT)} (BOOK_RETRAIN=1 to train again)")
+            return history
+        except (ValueError, KeyError, RuntimeError, TypeError) as err:   # unreadable or stale: say so, train again
+            print(f"{name}: the cached model {path.relative_to(ROOT)} cannot be used ({err}); training again")
+    history = train(model, corpus, cfg, **train_kwargs)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    write_tensors(path, state, meta={"history": history.as_dict(), "key": key})
+    history.cached_from = None
+    return history
