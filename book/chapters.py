@@ -60,7 +60,13 @@ def figures_dir(chapter: str) -> Path:
 
 
 def save_figure(fig, chapter: str, name: str, dpi: int = 110) -> Path:
-    """Save a matplotlib figure as figures/<chapter>/<name>.png, atomically."""
+    """Save a matplotlib figure as figures/<chapter>/<name>.png, atomically; a figure with overlapping or blank
+    labels, or a log axis a reader cannot read, is refused with what is wrong (book.figure_check)."""
+    from book.figure_check import problems
+
+    found = problems(fig)
+    if found:
+        raise ValueError(f"figure {chapter}/{name} is not fit to print: " + "; ".join(found))
     return save_figure_atomically(fig, figures_dir(chapter) / f"{name}.png", dpi=dpi, bbox_inches="tight")
 
 

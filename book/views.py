@@ -37,7 +37,7 @@ def _png(fig: Figure, dpi: int = 80) -> bytes:
     return buffer.getvalue()
 
 
-def _printable(byte: int) -> str:
+def byte_label(byte: int) -> str:
     """A byte as a short label: the character, or its escape (\\n, \\x0c, ...)."""
     text = repr(bytes([byte]))[2:-1]
     return "␣" if text == " " else text
@@ -120,7 +120,7 @@ class CoordinateExplorer:
         """Two panels: the next-byte distribution and the modulation energy of each layer."""
         fig = Figure(figsize=(8.0, 2.8), layout="constrained")
         ax_p, ax_e = fig.subplots(1, 2, width_ratios=(3, 2))
-        labels = [_printable(b % 256) for b in view.top_bytes]
+        labels = [byte_label(b % 256) for b in view.top_bytes]
         ax_p.bar(range(len(labels)), view.top_probs, color="tab:blue")
         ax_p.set_xticks(range(len(labels)), labels, fontfamily="monospace")
         ax_p.set(ylim=(0, 1), ylabel="probability", title="next byte")
@@ -251,7 +251,7 @@ def routing_figure(trace: RoutingTrace, layers: list[int] | None = None, title: 
     L = len(layers)
     fig = Figure(figsize=(11, (0.35 + 0.3 * heads) * L * 2 + 0.8), layout="constrained")
     axes = fig.subplots(2 * L, 2, squeeze=False, gridspec_kw={"width_ratios": [5, 1], "height_ratios": [1, heads] * L})
-    labels = [_printable(b % 256) for b in trace.bytes]
+    labels = [byte_label(b % 256) for b in trace.bytes]
     for row, l in enumerate(layers):
         info = trace.layers[l]
         strip, gates, bars, spare = axes[2 * row, 0], axes[2 * row + 1, 0], axes[2 * row, 1], axes[2 * row + 1, 1]
