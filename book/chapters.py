@@ -171,15 +171,20 @@ def summarise(build_dir: Path) -> Path:
     return atomic_write_bytes(path, "\n".join(lines).encode())
 
 
-def run_book(run_profile: str, build_dir: Path) -> int:
-    """Execute every chapter with papermill into build_dir/notebooks; return the number that failed."""
+def run_book(run_profile: str, build_dir: Path, only: list[str] | None = None) -> int:
+    """Execute every chapter (or those named in `only`) with papermill into build_dir/notebooks; return the
+    number that failed."""
     from book.notebook_run import run_notebook      # papermill with the book's kernel start (IPC, start retry)
 
     check_profile(run_profile)
     out_dir = build_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     failed = []
-    for notebook in chapters():
+    names = {n.stem: n for n in chapters()}
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise ValueError(f"no chapter {', '.join(unknown)}; the chapters are {', '.join(names)}")
+    for notebook in [n for n in chapters() if only is None or n.stem in only]:
         print(f"== {notebook.name} (profile {run_profile})", flush=True)
         try:
             run_notebook(notebook, out_dir / notebook.name, parameters={"PROFILE": run_profile}, cwd=notebook.parent)
@@ -211,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m book", description="Execute every chapter notebook and summarise their metrics.")
     parser.add_argument("--profile", default=os.environ.get("BOOK_PROFILE", "small"), choices=PROFILES)
     parser.add_argument("--build-dir", default=str(ROOT / "build" / "book"))
+    parser.add_argument("--only", default=None, help="comma-separated chapters to run (e.g. 00_overview,02_henn); "
+                        "the summary and front page are still built from every chapter's metrics")
     parser.add_argument("--publish-only", action="store_true",
                         help="skip executing: rebuild the summary, HTML edition and README front page from what ran")
     args = parser.parse_args(argv)
@@ -218,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.publish_only:
         publish(Path(args.build_dir))
         return 0
-    return 1 if run_book(args.profile, Path(args.build_dir)) else 0
+    only = [name.strip() for name in args.only.split(",")] if args.only else None
+    known = [n.stem for n in chapters()]
+    if only and not set(only) <= set(known):
+        parser.error(f"--only: no chapter {', '.join(sorted(set(only) - set(known)))}; the chapters are {', '.join(known)}")
+    return 1 if run_book(args.profile, Path(args.build_dir), only) else 0
 
 
 if __name__ == "__main__":
