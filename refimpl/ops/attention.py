@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from refimpl.ops.contract import at_least_fp32, Contract, fail
+from refimpl.ops.contract import Contract, at_least_fp32, fail
 
 
 ATTENTION = Contract("attention", q="B T H D", k="B S G D", v="B S G D")

@@ -19,7 +19,7 @@ be declared "integer:" or "uint8:" instead). Checks a contract cannot
 say (a value range, a keyword's type, H % G == 0) stay in the op's own `check_*` function, next to it.
 The kernels call the same function, so a reference and its kernels refuse the same inputs.
 
-Also here: `fail`, `expect_float` and `at_least_fp32`, the three helpers every op used to define itself.
+Also here: `fail` and `at_least_fp32`, the helpers every op used to define for itself.
 """
 
 from __future__ import annotations
@@ -30,14 +30,6 @@ import torch
 def fail(message: str):
     """Raise the ValueError every op raises for bad input."""
     raise ValueError(message)
-
-
-def expect_float(name: str, t) -> None:
-    """`t` must be a floating-point torch.Tensor; the message names it."""
-    if not isinstance(t, torch.Tensor):
-        fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        fail(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from refimpl.ops.contract import at_least_fp32, Contract, fail
+from refimpl.ops.contract import Contract, at_least_fp32, fail
 
 
 

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from refimpl.ops.contract import at_least_fp32, Contract, fail
+from refimpl.ops.contract import Contract, at_least_fp32, fail
 
 
 RMS_NORM = Contract("rms_norm", x="... C", weight="C")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from refimpl.ops.contract import at_least_fp32, Contract
+from refimpl.ops.contract import Contract, at_least_fp32
 
 
 #: the expanded-form search scores at most this many (row, code) pairs at once: chunks of
