@@ -24,7 +24,6 @@ correctness tool, not a timing target; cupy needs a GPU); on CUDA `numba_cuda` a
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
@@ -32,13 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402  (first: decides numba's CUDA target)
 from kernels.bench import BACKENDS, Case, example_case, run_benchmark  # noqa: E402
 from kernels.check import example_shapes  # noqa: E402
-from refimpl import ops  # noqa: E402
 
 
 # The `small` preset's shapes: the same ones the tests and the overview check (kernels.check.example_shapes).
@@ -55,36 +51,17 @@ def case_inputs(case: str):
 
 # ---------------------------------------------------------------- eager PyTorch built-ins, with the ops' signatures
 
-def builtin_rms_norm(x, weight, eps=1e-6):
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-@functools.cache
-def _allowed(T_: int, S: int, window: int | None, device: str) -> torch.Tensor:
-    # Built once per shape, as a model would build it once per forward and share it across layers.
-    return ops.attention_mask(T_, S, True, window, device=device)
-
-
-def builtin_attention(q, k, v, *, causal=True, window=None, scale=None):
-    """F.scaled_dot_product_attention in its [B, heads, T, D] layout, GQA via enable_gqa."""
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    T_, S = q.shape[1], k.shape[1]
-    if causal and window is None and T_ == S:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
-    else:
-        mask = _allowed(T_, S, window, q.device.type) if causal else None
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out.transpose(1, 2)
+builtin_rms_norm = kernels.rms_norm.torch_builtin
+builtin_attention = kernels.attention.torch_builtin
 
 
 def attention_flops(window: int | None) -> int:
-    """Useful FLOP: 2 D for q.k and 2 D for p.v per allowed (query, key) pair, per head and batch row."""
-    pairs = int(ops.attention_mask(T, T, True, window).sum())
-    return 4 * D * pairs * H * B
+    """Useful FLOP of the attention cases (kernels.attention.useful_flops at these shapes)."""
+    (q, k, _), _ = case_inputs("attention")("cpu", 0)
+    return kernels.attention.useful_flops(q, k, causal=True, window=window)
 
 
-BUILTIN_NAMES = {"rms_norm": "torch.nn.functional.rms_norm",
-                 "attention": "torch.nn.functional.scaled_dot_product_attention (enable_gqa)"}
+BUILTIN_NAMES = {"rms_norm": kernels.rms_norm.TORCH_BUILTIN_NAME, "attention": kernels.attention.TORCH_BUILTIN_NAME}
 CASES = [
     Case("rms_norm", case_inputs("rms_norm"), eager_builtin=builtin_rms_norm, eager_builtin_name=BUILTIN_NAMES["rms_norm"]),
     Case("attention", case_inputs("attention"), "attention (causal GQA)", eager_builtin=builtin_attention,

@@ -26,7 +26,7 @@ END = "<!-- end of the generated front page -->"
 
 # Each chapter's write-up (its number in shared/seeds/) and the one figure that shows what it found.
 CHAPTERS = {
-    "00_overview": {"write_up": "—", "title": "How to read this book",
+    "00_overview": {"write_up": "—", "title": "The primer",
                     "figure": "baseline_loss", "caption": "the baseline language model learning bytes of source"},
     "01_sintellix": {"write_up": "000", "title": "Sintellix",
                      "figure": "reconstruction_ablation", "caption": "the grid against a conv net; each part removed"},

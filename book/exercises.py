@@ -23,7 +23,7 @@ import torch
 
 from book.show import display_markdown
 from refimpl import ops
-from refimpl.blocks import apply_rope, rope_tables
+from refimpl.blocks import KVCache, SwiGLU, apply_rope, load_balancing_loss, rope_tables
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,59 @@ def _attention_inputs(g):
 
 def _one_head_attention(q, k, v):
     return ops.attention(q[None, :, None], k[None, :, None], v[None, :, None], causal=True)[0, :, 0]
+
+
+def _swiglu_inputs(g):
+    C, F = 6, 10
+    return _randn(g, 4, C), _randn(g, C, F) / C ** 0.5, _randn(g, C, F) / C ** 0.5, _randn(g, F, C) / F ** 0.5
+
+
+def _swiglu(x, w_gate, w_up, w_down):
+    """The book's SwiGLU block (nn.Linear keeps weights as [out, in]) given these [in, out] matrices."""
+    block = SwiGLU(*w_gate.shape)
+    with torch.no_grad():
+        for linear, w in ((block.gate, w_gate), (block.up, w_up), (block.down, w_down)):
+            linear.weight.copy_(w.T)
+        return block(x)
+
+
+def _gqa_inputs(g):
+    T, H, G, D = 5, 6, 2, 4
+    return _randn(g, T, H, D), _randn(g, T, G, D), _randn(g, T, G, D)
+
+
+def _gqa(q, k, v):
+    return ops.attention(q[None], k[None], v[None], causal=True)[0]
+
+
+def _kv_cache_inputs(g):
+    S, T, D = int(torch.randint(0, 6, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g)), 3
+    return _randn(g, S, D), _randn(g, T, D), int(torch.randint(1, 7, (1,), generator=g))
+
+
+def _kv_cache(cached, new, window):
+    cache = KVCache(k=cached[None, :, None], v=cached[None, :, None], seen=len(cached)) if len(cached) else KVCache()
+    cache.append(new[None, :, None], new[None, :, None], window)
+    return cache.k[0, :, 0]
+
+
+def _balance_inputs(g):
+    N, E = 12, 4
+    return torch.softmax(_randn(g, N, E) * 2, dim=-1), 2
+
+
+def _balance(probs, top_k):
+    chosen = probs.topk(top_k, dim=-1).indices                                    # [N, k]
+    return load_balancing_loss(probs, torch.bincount(chosen.reshape(-1), minlength=probs.shape[-1]))
+
+
+def _online_inputs(g):
+    S, D = 7, 4
+    return _randn(g, D) * 3, _randn(g, S, D), _randn(g, S, D)
+
+
+def _one_query(q, k, v):
+    return ops.attention(q[None, None, None], k[None, :, None], v[None, :, None], causal=False)[0, 0, 0]
 
 
 def _scan_step_inputs(g):
@@ -113,6 +166,34 @@ EXERCISES = {e.name: e for e in [
              "q, k, v: [T, D], M = -inf above the diagonal.",
              "def attention(q, k, v):",
              _attention_inputs, _one_head_attention),
+    Exercise("swiglu",
+             "The gated feed-forward: $y = (\\mathrm{silu}(x W_g) \\odot x W_u) W_d$ with "
+             "$\\mathrm{silu}(z) = z\\,\\sigma(z)$ (x: [N, C], w_gate, w_up: [C, F], w_down: [F, C]).",
+             "def swiglu(x, w_gate, w_up, w_down):",
+             _swiglu_inputs, _swiglu),
+    Exercise("gqa",
+             "Causal attention where H query heads share G key/value heads: query head h reads key/value head "
+             "$h \\,//\\, (H/G)$ (q: [T, H, D], k, v: [T, G, D] -> [T, H, D]).",
+             "def gqa(q, k, v):",
+             _gqa_inputs, _gqa),
+    Exercise("kv_cache",
+             "Append the new keys to the cached ones and keep only the last `window` (cached: [S, D], may be "
+             "empty; new: [T, D] -> [min(S + T, window), D]).",
+             "def kv_cache(cached, new, window):",
+             _kv_cache_inputs, _kv_cache),
+    Exercise("balance_loss",
+             "Route each token to its `top_k` most probable experts, then return the load-balancing loss "
+             "$E \\sum_e f_e P_e$: $f_e$ the share of the N·k routed copies that went to expert e, $P_e$ "
+             "the mean router probability of e (probs: [N, E] -> a scalar tensor).",
+             "def balance_loss(probs, top_k):",
+             _balance_inputs, _balance),
+    Exercise("online_softmax",
+             "Attention for one query, walking the keys once: keep the running max m, the running sum "
+             "$l = \\sum e^{s_j - m}$ and the running weighted sum of values, rescaling both by "
+             "$e^{m_{old} - m_{new}}$ when m grows; scores $s_j = q \\cdot k_j / \\sqrt{D}$, no mask "
+             "(q: [D], k, v: [S, D] -> [D]).",
+             "def online_softmax(q, k, v):",
+             _online_inputs, _one_query),
     Exercise("scan_step",
              "One step of Mamba's selective scan for one token: $h' = e^{\\Delta A} h + \\Delta\\, u\\, B$, "
              "$y = h' C + D u$ (h: [Dm, N], u, delta, D: [Dm], A: [Dm, N], B, C: [N]). Return (y, h').",

@@ -47,3 +47,48 @@ def delta_rule_step(S, q, k, v, alpha, beta):
     recalled = alpha * (S @ k)
     S_next = alpha * S + beta * torch.outer(v - recalled, k)
     return S_next @ q, S_next
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    """(silu(x W_g) * x W_u) W_d, with silu(z) = z * sigmoid(z)."""
+    gate = x @ w_gate
+    return (gate * torch.sigmoid(gate) * (x @ w_up)) @ w_down
+
+
+def gqa(q, k, v):
+    """Each query head h attends with key/value head h // (H / G), causally."""
+    T, H, D = q.shape
+    group = H // k.shape[1]
+    out = torch.empty_like(q)
+    for h in range(H):
+        out[:, h] = attention(q[:, h], k[:, h // group], v[:, h // group])
+    return out
+
+
+def kv_cache(cached, new, window):
+    """Concatenate along positions, then keep the last `window` rows."""
+    return torch.cat([cached, new])[-window:]
+
+
+def balance_loss(probs, top_k):
+    """E * sum_e f_e P_e: f_e the share of routed copies at expert e, P_e its mean probability."""
+    N, E = probs.shape
+    chosen = probs.topk(top_k, dim=-1).indices
+    share = torch.zeros(E)
+    for e in chosen.reshape(-1).tolist():
+        share[e] += 1.0 / (N * top_k)
+    return E * (share * probs.mean(dim=0)).sum()
+
+
+def online_softmax(q, k, v):
+    """One pass over the keys: running max m, running denominator l, running weighted sum acc."""
+    scale = 1.0 / math.sqrt(q.shape[0])
+    m, l, acc = float("-inf"), 0.0, torch.zeros(v.shape[1])
+    for j in range(k.shape[0]):
+        s = float(q @ k[j]) * scale
+        m_new = max(m, s)
+        correction, weight = math.exp(m - m_new), math.exp(s - m_new)
+        l = l * correction + weight
+        acc = acc * correction + weight * v[j]
+        m = m_new
+    return acc / l

@@ -26,6 +26,7 @@ Faster rungs (a warp per row, K/V tiles in shared memory) are the GPU issue's wo
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -166,6 +167,39 @@ def attention_cupy(q, k, v, *, causal=True, window=None, scale=None):
                  np.int32(B), np.int32(T), np.int32(H), np.int32(S), np.int32(G), np.int32(D),
                  np.int32(bool(causal)), np.int32(window_arg), np.float32(scale)))
     return out
+
+
+# ---------------------------------------------------------------- PyTorch's own, for comparison
+
+TORCH_BUILTIN_NAME = "torch.nn.functional.scaled_dot_product_attention (enable_gqa)"
+
+
+@functools.cache
+def _allowed(T: int, S: int, window: int | None, device: str) -> torch.Tensor:
+    # Built once per shape, as a model would build it once per forward and share it across layers.
+    return ops.attention_mask(T, S, True, window, device=device)
+
+
+def torch_builtin(q, k, v, *, causal=True, window=None, scale=None):
+    """F.scaled_dot_product_attention in its [B, heads, T, D] layout, GQA via enable_gqa, with this op's
+    signature (what the benchmarks and chapter 00 time beside the kernels)."""
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    T, S = q.shape[1], k.shape[1]
+    if causal and window is None and T == S:
+        out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                                               enable_gqa=True)
+    else:
+        mask = _allowed(T, S, window, q.device.type) if causal else None
+        out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
+                                                               enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def useful_flops(q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, window: int | None = None) -> int:
+    """2 D for q.k and 2 D for p.v per allowed (query, key) pair, per head and batch row."""
+    B, T, H, D = q.shape
+    pairs = int(ops.attention_mask(T, k.shape[1], causal, window).sum())
+    return 4 * D * pairs * H * B
 
 
 def example_inputs(shapes: dict, generator=None) -> dict:

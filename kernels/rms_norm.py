@@ -157,6 +157,21 @@ def rms_norm_cupy(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> t
 CUPY_LADDER = {"block_per_row": rms_norm_cupy_block, "warp_shuffle": rms_norm_cupy}
 
 
+# ---------------------------------------------------------------- PyTorch's own, for comparison
+
+TORCH_BUILTIN_NAME = "torch.nn.functional.rms_norm"
+
+
+def torch_builtin(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """PyTorch's fused RMSNorm with this op's signature (what the benchmarks and chapter 00 time beside the kernels)."""
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def useful_flops(x: torch.Tensor) -> int:
+    """4 per element: square, add to the row's sum, scale by 1/rms, scale by the weight."""
+    return 4 * x.numel()
+
+
 def example_inputs(shapes: dict, generator=None) -> dict:
     """{case: (args, kwargs)} for `kernels.check.example_shapes(...)`: x [R, C], weight [C], eps not the
     default. In the second case x is scaled down to ~1e-3, so eps = 1e-4 outweighs mean(x^2) ~ 1e-6: a kernel
