@@ -12,8 +12,8 @@ under build/ (build/interactive/ unless BOOK_OUTPUT_DIR says otherwise).
 
 `python -m book [--profile small]` executes every chapter notebook
 with papermill into build/book/notebooks/, then publishes: build/book/summary.md
-(every chapter's metrics.json on one page), the static HTML edition
-build/book/html/ (book/edition.py), and the README's generated front page.
+(every chapter's metrics.json on one page), the site build/book/html/ (book/site.py:
+Sphinx and MyST-NB, offline), and the README's generated front page.
 """
 
 from __future__ import annotations
@@ -198,14 +198,14 @@ def run_book(run_profile: str, build_dir: Path, only: list[str] | None = None) -
 
 
 def publish(build_dir: Path) -> None:
-    """After the chapters ran: the metrics summary, the HTML edition (build_dir/html/index.html) and, when the
-    figures went to the repository's figures/, the README's generated front page."""
-    from book import edition
+    """After the chapters ran: the metrics summary, the site (build_dir/html/index.html: book/site.py) and, when
+    the figures went to the repository's figures/, the README's generated front page."""
+    from book import edition, site
 
     figures_root = output_root() / "figures"
     summary = summarise(build_dir)
-    index = edition.render_html(build_dir / "notebooks", build_dir / "html", figures_root)
-    print(f"summary in {summary}; the HTML edition starts at {index}")
+    index = site.build(build_dir / "notebooks", build_dir / "html", figures_root)
+    print(f"summary in {summary}; the site starts at {index} (open it in a browser; it needs no network)")
     if output_root() == ROOT:
         changed = edition.update_readme(ROOT / "README.md", edition.front_page(figures_root))
         print("README front page " + ("regenerated" if changed else "already matches the metrics"))

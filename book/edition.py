@@ -1,11 +1,10 @@
-"""What `make book` publishes: the README's front page and a static HTML edition of the executed chapters.
-
-Both are generated from what the chapters wrote, never typed by hand:
+"""What `make book` publishes besides the site (book/site.py): the README's front page, generated from what the
+chapters wrote, never typed by hand:
 
     front_page(figures_root)          markdown: one figure per chapter, then every chapter's claims table row
     update_readme(readme, text)       put that text between the README's two front-page markers
-    render_html(notebooks, out_dir)   every executed notebook as HTML (figures and widget state embedded),
-                                      plus index.html linking them, with the same figures and claims
+
+The site's index page carries the same front page.
 
 A chapter's claims come from `metrics["claims"]` of its figures/<chapter>/metrics.json: a list of
 {"claim", "measured", "verdict"}, where `claim` carries the write-up's own words and number.
@@ -13,9 +12,6 @@ A chapter's claims come from `metrics["claims"]` of its figures/<chapter>/metric
 
 from __future__ import annotations
 
-import base64
-import html
-import json
 from pathlib import Path
 
 from refimpl.io import atomic_write_bytes, read_json
@@ -114,78 +110,3 @@ def update_readme(readme: Path, text: str) -> bool:
     if updated != current:
         atomic_write_bytes(readme, updated.encode())
     return updated != current
-
-
-# ----------------------------------------------------------------------------
-# the static HTML edition
-# ----------------------------------------------------------------------------
-
-def _title(notebook: dict, fallback: str) -> str:
-    for cell in notebook["cells"]:
-        if cell["cell_type"] == "markdown":
-            first = "".join(cell["source"]).strip().splitlines()
-            if first and first[0].startswith("#"):
-                return first[0].lstrip("# ").strip()
-    return fallback
-
-
-def render_notebook(notebook_path: Path, out_path: Path) -> Path:
-    """One executed notebook as a self-contained HTML page: outputs' figures are inline, and the widget state
-    papermill saved goes in too (so the views show their last state wherever the widget script can load)."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    notebook = nbformat.read(str(notebook_path), as_version=4)
-    exporter = HTMLExporter(template_name="lab", embed_images=True)
-    body, _resources = exporter.from_notebook_node(notebook)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_bytes(out_path, body.encode())
-
-
-def _data_uri(png: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
-
-
-def render_index(chapters: list[tuple[str, str]], figures_root: Path, out_path: Path) -> Path:
-    """index.html: each chapter's link, title and figure (embedded), then the claims table."""
-    esc = html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>The book</title><style>",
-             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}",
-             ".chapters{display:grid;grid-template-columns:repeat(auto-fill,minmax(320px,1fr));gap:1.2em}",
-             ".chapters figure{margin:0}.chapters img{width:100%;border:1px solid #ddd}",
-             "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "vertical-align:top;text-align:left}</style></head><body>",
-             "<h1>The book: five neural-network write-ups, built, trained, kernel-checked and fact-checked</h1>",
-             f"<p>Every number below was measured by the chapters' notebooks (profile "
-             f"{esc(', '.join(sorted({r['profile'] for r in claims(figures_root)})) or 'none yet')}); "
-             "each chapter page is the executed notebook.</p>", "<div class='chapters'>"]
-    for chapter, title in chapters:
-        info = _check_chapter(chapter)
-        png = Path(figures_root) / chapter / f"{info['figure']}.png"
-        picture = (f"<img src='{_data_uri(png)}' alt='{esc(info['caption'])}'>" if png.exists()
-                   else "<p><em>no figure: the chapter has not run</em></p>")
-        parts.append(f"<figure><a href='{esc(chapter)}.html'><h3>{esc(title)}</h3>{picture}</a>"
-                     f"<figcaption>{esc(info['caption'])} (write-up {esc(info['write_up'])})</figcaption></figure>")
-    parts += ["</div>", "<h2>The claims, checked</h2>",
-              "<table><tr><th>chapter</th><th>write-up</th><th>the write-up claims</th><th>measured here</th>"
-              "<th>verdict</th></tr>"]
-    for row in claims(figures_root):
-        parts.append(f"<tr><td><a href='{esc(row['chapter'])}.html'>{esc(row['chapter'])}</a></td>"
-                     + "".join(f"<td>{esc(row[k])}</td>" for k in ("write_up", "claim", "measured", "verdict"))
-                     + "</tr>")
-    parts.append("</table></body></html>")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_bytes(out_path, "\n".join(parts).encode())
-
-
-def render_html(executed_dir: Path, out_dir: Path, figures_root: Path = ROOT / "figures") -> Path:
-    """The HTML edition: out_dir/<chapter>.html for every executed chapter notebook, and out_dir/index.html.
-    Returns the index's path."""
-    executed = sorted(Path(executed_dir).glob("[0-9][0-9]_*.ipynb"))
-    if not executed:
-        raise FileNotFoundError(f"no executed chapter notebooks in {executed_dir}: run `make book` first")
-    chapters = []
-    for path in executed:
-        render_notebook(path, Path(out_dir) / f"{path.stem}.html")
-        chapters.append((path.stem, _title(json.loads(path.read_text()), path.stem)))
-    return render_index(chapters, figures_root, Path(out_dir) / "index.html")

@@ -1,10 +1,9 @@
-"""What `make book` publishes: the README's front page matches the chapters' metrics, and the HTML edition
-embeds figures, widget state and the claims."""
+"""What `make book` publishes: the README's front page matches the chapters' metrics (the site itself:
+tests/test_site.py)."""
 
 import base64
 import json
 
-import nbformat
 import pytest
 
 import book
@@ -76,29 +75,3 @@ def test_update_readme_replaces_only_its_section(tmp_path):
     readme.write_text("no markers here\n")
     with pytest.raises(ValueError, match="no generated front-page section"):
         edition.update_readme(readme, new)
-
-
-def test_html_edition_embeds_figures_widget_state_and_claims(tmp_path):
-    figures = tmp_path / "figures"
-    _fake_chapter(figures, "04_geometric", [{"claim": "zero forgetting", "measured": "+1.2 bits", "verdict": "no"}])
-    state = {"state": {"abc": {"model_name": "SliderModel", "model_module": "@jupyter-widgets/controls",
-                               "model_module_version": "2.0.0", "state": {"value": 1.25}}}, "version_major": 2,
-             "version_minor": 0}
-    nb = nbformat.v4.new_notebook(metadata={"widgets": {"application/vnd.jupyter.widget-state+json": state}})
-    nb.cells = [nbformat.v4.new_markdown_cell("# 04 · A chapter title\n\ntext"),
-                nbformat.v4.new_code_cell("plot()", execution_count=1, outputs=[nbformat.v4.new_output(
-                    "display_data", data={"image/png": base64.b64encode(PNG).decode(), "text/plain": "<Figure>"})])]
-    executed = tmp_path / "executed"
-    executed.mkdir()
-    nbformat.write(nb, str(executed / "04_geometric.ipynb"))
-
-    index = edition.render_html(executed, tmp_path / "html", figures)
-    page = (tmp_path / "html" / "04_geometric.html").read_text()
-    assert "data:image/png;base64," + base64.b64encode(PNG).decode()[:40] in page
-    assert "application/vnd.jupyter.widget-state+json" in page and '"value": 1.25' in page
-    text = index.read_text()
-    assert "href='04_geometric.html'" in text and "A chapter title" in text
-    assert "zero forgetting" in text and "+1.2 bits" in text and "data:image/png;base64," in text
-
-    with pytest.raises(FileNotFoundError, match="make book"):
-        edition.render_html(tmp_path / "nothing", tmp_path / "html2", figures)
