@@ -45,6 +45,21 @@ def check_profile(name: str) -> str:
     return name
 
 
+def device_for_profile(run_profile: str) -> str:
+    """Where a chapter puts its models, batches and kernels: "cuda" in the `gpu` profile (refused when torch sees
+    no GPU), "cpu" otherwise. BOOK_DEVICE overrides it ("cpu", "cuda" or "cuda:N"), e.g. to pick a second GPU."""
+    import torch
+
+    check_profile(run_profile)
+    device = os.environ.get("BOOK_DEVICE") or ("cuda" if run_profile == "gpu" else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"BOOK_DEVICE must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"profile {run_profile!r} wants {device}, and torch sees no CUDA GPU; use the 'small' "
+                           "profile on this machine (or set BOOK_DEVICE=cpu)")
+    return device
+
+
 def output_root() -> Path:
     """Where figures/ and metrics are written: BOOK_OUTPUT_DIR (the repository root under `make book`), else
     build/interactive/, so a chapter run by hand never rewrites the committed figures."""

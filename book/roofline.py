@@ -10,12 +10,14 @@ by arithmetic. On a CPU an op's inputs can stay in cache between repeats while t
 memory, so a small memory-bound op can come in *under* its floor: the table shows that rather than hiding it.
 
     cases = roofline.shared_block_cases("small")            # RMSNorm, attention (causal, sliding window)
-    results, ceilings = roofline.measure(cases)             # the reference, numba, PyTorch's built-in
+    results, ceilings = roofline.measure(cases)             # the reference, numba, PyTorch's built-in (CPU)
     rows = roofline.rows(results, ceilings)                 # one per (case, variant): time, floor, bound
     roofline.figure(rows); roofline.findings(results)       # the picture; sentences built from the numbers
 
-Does not include: torch.compile (it takes tens of seconds per op on a CPU; `make benchmark` times it), GPUs
-(the same functions take device="cuda" ceilings and results, which `make gpu-check` records).
+On a GPU, `measure(cases, device="cuda")` times numba_cuda and cupy with CUDA events against the GPU's ceilings.
+
+Does not include: torch.compile (it takes tens of seconds per op on a CPU; `make benchmark` and `make gpu-check`
+time it).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 
 import kernels
-from kernels.bench import Case, TimerSettings, benchmark_op, measure_ceilings
+from kernels.bench import BACKENDS, Case, TimerSettings, benchmark_op, measure_ceilings
 from kernels.check import example_inputs
 
 
@@ -53,13 +55,15 @@ def shared_block_cases(size: str = "small") -> list[Case]:
     return cases
 
 
-def measure(cases: list[Case], *, quick: bool = False) -> tuple[list[dict], dict]:
-    """(benchmark_op's result for each case with the numba kernel, the CPU's measured ceilings). `quick`: fewer
-    repeats and smaller ceiling measurements (the `ci` profile); the numbers are then rougher."""
-    ceilings = measure_ceilings("cpu", quick=quick)
+def measure(cases: list[Case], *, device: str = "cpu", quick: bool = False) -> tuple[list[dict], dict]:
+    """(benchmark_op's result for each case, the device's measured ceilings). The kernels timed are the device's
+    backends (`kernels.bench.BACKENDS`: numba on the CPU; numba_cuda and cupy on a GPU, timed with CUDA events).
+    `quick`: fewer repeats and smaller ceiling measurements (the `ci` profile); the numbers are then rougher."""
+    ceilings = measure_ceilings(device, quick=quick)
     timer = TimerSettings(warmup=2, repeats=5, min_seconds=0.05) if quick else TimerSettings(repeats=10,
                                                                                             min_seconds=0.3)
-    return [benchmark_op(case, ["numba"], compile=False, ceilings=ceilings, timer=timer) for case in cases], ceilings
+    return [benchmark_op(case, BACKENDS[device], device=device, compile=False, ceilings=ceilings, timer=timer)
+            for case in cases], ceilings
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,8 @@ def figure(table: list[Row], title: str = ""):
     """Horizontal bars of measured time per (case, variant), log scale, with each case's floor drawn as a line."""
     fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.32 * len(table)))
     labels = [f"{r.case}: {r.variant}" for r in table]
-    colours = {"reference": "tab:blue", "numba": "tab:orange", "eager builtin": "tab:green"}
+    colours = {"reference": "tab:blue", "numba": "tab:orange", "numba_cuda": "tab:red", "cupy": "tab:purple",
+               "eager builtin": "tab:green"}
     ax.barh(labels, [r.seconds * 1e3 for r in table], color=[colours.get(r.variant, "tab:grey") for r in table])
     for i, r in enumerate(table):
         ax.plot([r.floor_s * 1e3] * 2, [i - 0.45, i + 0.45], color="black", lw=2)
@@ -128,25 +133,25 @@ def _variant(result: dict, name: str) -> dict | None:
     return v if v and v.get("timing") else None
 
 
-def findings(results: list[dict]) -> str:
-    """Sentences built from the measurements: for each case, numba against PyTorch's built-in and the reference,
-    then the share of the ceiling that bounds the op (matmul rate, or copy bandwidth) each reaches."""
+def findings(results: list[dict], kernel: str = "numba") -> str:
+    """Sentences built from the measurements: for each case, the `kernel` backend against PyTorch's built-in and
+    the reference, then the share of the ceiling that bounds the op (matmul rate, or copy bandwidth) each reaches."""
     sentences = []
     for result in results:
-        numba, builtin, ref = (_variant(result, n) for n in ("numba", "eager builtin", "reference"))
-        if not (numba and builtin and ref):
+        kern, builtin, ref = (_variant(result, n) for n in (kernel, "eager builtin", "reference"))
+        if not (kern and builtin and ref):
             continue
-        t = {n: v["timing"]["median_s"] for n, v in (("numba", numba), ("builtin", builtin), ("ref", ref))}
-        ratio = t["builtin"] / t["numba"]
+        t = {n: v["timing"]["median_s"] for n, v in (("kernel", kern), ("builtin", builtin), ("ref", ref))}
+        ratio = t["builtin"] / t["kernel"]
         verb = f"{ratio:.2f}× as fast as" if ratio >= 1 else f"{1 / ratio:.2f}× slower than"
-        line = (f"**{result['label']}**: numba {t['numba'] * 1e3:.3g} ms, {verb} PyTorch's built-in "
+        line = (f"**{result['label']}**: {kernel} {t['kernel'] * 1e3:.3g} ms, {verb} PyTorch's built-in "
                 f"({t['builtin'] * 1e3:.3g} ms); the plain reference takes {t['ref'] * 1e3:.3g} ms.")
         # the floor that is higher is the one the op is bound by; the same holds for the fractions of the ceilings
-        if (numba.get("fraction_of_matmul") or 0.0) > numba["fraction_of_copy_bandwidth"]:
+        if (kern.get("fraction_of_matmul") or 0.0) > kern["fraction_of_copy_bandwidth"]:
             line += (f" Of the measured matmul rate, the built-in reaches {builtin['fraction_of_matmul']:.0%} "
-                     f"and numba {numba['fraction_of_matmul']:.0%}.")
+                     f"and {kernel} {kern['fraction_of_matmul']:.0%}.")
         else:
-            line += (f" Bytes moved per second: numba {numba['fraction_of_copy_bandwidth']:.0%} of the measured "
+            line += (f" Bytes moved per second: {kernel} {kern['fraction_of_copy_bandwidth']:.0%} of the measured "
                      f"copy rate, the built-in {builtin['fraction_of_copy_bandwidth']:.0%}.")
         sentences.append("- " + line)
     return "\n".join(sentences)

@@ -5,7 +5,9 @@ The loop is AdamW with linear warm-up and cosine decay and gradient clipping.
 Batches come from a generator seeded by the config and evaluation windows are
 fixed, so two runs of the same model (seed its initialisation with
 torch.manual_seed before building it) with the same config give the same curve.
-Batches are moved to the model's device.
+Batches are moved to the model's device: the loop has no device of its own, so a model on a GPU trains there.
+With `autocast="bf16"` the forward pass (and the loss) runs under torch.autocast in bfloat16 and the backward
+outside it, as PyTorch recommends; the weights and the optimiser stay in float32. Evaluation is in float32.
 
 Under `torchrun` (torch.distributed initialised, more than one process) the same loop trains data-parallel:
 every process draws the same global batch from the seeded generator and takes its own equal slice of the rows,
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from refimpl.data import TextCorpus, random_batch, sequential_batches
-from refimpl.config import check_fields, number, whole
+from refimpl.config import check_fields, choice, number, whole
 
 
 @dataclass
@@ -42,11 +44,12 @@ class TrainConfig:
     eval_every: int = 50           # steps between validation evaluations
     eval_batches: int = 8          # validation batches per evaluation
     seed: int = 0                  # batch order
+    autocast: str = "none"         # "bf16": the forward pass under torch.autocast in bfloat16 (a GPU's fast path)
 
     RULES = {"steps": whole(1), "batch_size": whole(1), "seq_len": whole(1), "lr": number(0, low_open=True),
              "min_lr_ratio": number(0, 1), "warmup": whole(0), "weight_decay": number(0),
              "grad_clip": number(0, low_open=True), "eval_every": whole(1), "eval_batches": whole(1),
-             "seed": whole(0)}
+             "seed": whole(0), "autocast": choice("none", "bf16")}
 
     def __post_init__(self):
         check_fields(self, self.RULES)
@@ -84,7 +87,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 def _device_of(model: torch.nn.Module) -> torch.device:
     parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
+    return parameter.device if parameter is not None else torch.device("cpu")   # cpu-ok: no parameters at all
 
 
 @torch.no_grad()
@@ -108,9 +111,11 @@ def bits_per_byte(model: torch.nn.Module, data: torch.Tensor, seq_len: int, batc
     return total_bits / total_bytes
 
 
-def _forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """The usual step: one forward over the whole batch, one backward. Returns the loss (nats per token)."""
-    _, loss = model(x, y)
+def _forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: str = "none") -> float:
+    """The usual step: one forward over the whole batch (under bf16 autocast if asked), one backward outside it.
+    Returns the loss (nats per token)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+        _, loss = model(x, y)
     if torch.isfinite(loss):
         loss.backward()
     return loss.item()
@@ -139,7 +144,10 @@ def train(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, progress
     the default is one forward and one backward (chapter 02 passes its tick-by-tick version).
     after_step(step, model), if given, runs after every optimiser step (chapter 02 averages weights there).
     """
-    forward_backward = forward_backward or _forward_backward
+    if forward_backward is not None and cfg.autocast != "none":
+        raise ValueError(f"train: autocast={cfg.autocast!r} applies to the default step only; a custom "
+                         "forward_backward must set up its own autocast (pass autocast='none')")
+    forward_backward = forward_backward or (lambda m, x, y: _forward_backward(m, x, y, cfg.autocast))
     generator = torch.Generator().manual_seed(cfg.seed)
     device = _device_of(model)
     rank, world = data_parallel()
@@ -193,22 +201,25 @@ CACHE_DIR_NAME = "cache"
 
 def cache_key(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, name: str, profile: str,
               extra: dict | None = None) -> str:
-    """A hash of everything the trained weights depend on: the run's name and profile, the model's class, its
-    config (if it has `cfg`) and its initial parameters, the training config, the corpus bytes, and `extra`."""
+    """A hash of everything the trained weights depend on: the run's name and profile, the model's class and
+    device type, its config (if it has `cfg`) and its initial parameters, the training config (autocast
+    included), the corpus bytes, and `extra`."""
     import hashlib
     import json
 
     digest = hashlib.sha256()
     model_cfg = getattr(model, "cfg", None)
     digest.update(json.dumps({"name": name, "profile": profile, "model": type(model).__qualname__,
+                              "device": _device_of(model).type,     # a GPU's rounding trains other weights
                               "model_cfg": asdict(model_cfg) if hasattr(model_cfg, "__dataclass_fields__")
                               else repr(model_cfg), "train": asdict(cfg), "extra": extra or {}},
                              sort_keys=True, default=repr).encode())
     for key, value in model.state_dict().items():         # the initial weights: another seed is another model
         digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        host = value.detach().cpu().contiguous()      # cpu-ok: hashed as bytes
+        digest.update(host.reshape(-1).view(torch.uint8).numpy().tobytes())
     for part in (corpus.train, corpus.val):
-        digest.update(part.cpu().contiguous().numpy().tobytes())
+        digest.update(part.cpu().contiguous().numpy().tobytes())   # cpu-ok: hashed as bytes
     return digest.hexdigest()[:20]
 
 
@@ -237,7 +248,7 @@ def train_cached(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, *
         except (ValueError, KeyError, RuntimeError, TypeError) as err:   # unreadable or stale: say so, train again
             print(f"{name}: the cached model {path.relative_to(ROOT)} cannot be used ({err}); training again")
     history = train(model, corpus, cfg, **train_kwargs)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}  # cpu-ok: to a file
     write_tensors(path, state, meta={"history": history.as_dict(), "key": key})
     history.cached_from = None
     return history

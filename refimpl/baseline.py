@@ -67,13 +67,15 @@ class BaselineConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "BaselineConfig":
-        """A named size (`tiny` for tests and CI, `small` for the book on a CPU), optionally adjusted."""
+        """A named size (`tiny` for tests and CI, `small` for the book on a CPU, `medium` for a GPU), optionally
+        adjusted."""
         return config_from_preset(cls, PRESETS, name, overrides)
 
 
 PRESETS = {  # the arguments of each named size
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64),
     "small": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=128),
+    "medium": dict(d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, max_seq_len=512),
 }
 
 

@@ -382,8 +382,8 @@ def generate(model: GeometricLM, prompt, max_new_tokens: int, threshold: float =
         tokens.append(token)
         modes.append(mode)
         unc.append(u)
-        thetas.append(proposal.detach().cpu())
-        contexts.append(ctx.detach().cpu())
+        thetas.append(proposal.detach().cpu())      # cpu-ok: collected for statistics and plots
+        contexts.append(ctx.detach().cpu())         # cpu-ok: collected for statistics and plots
     model.train(was_training)
     D = model.cfg.coord_dim
     return Generation(tokens, tokens[len(prompt):], modes, unc,

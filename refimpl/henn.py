@@ -451,7 +451,7 @@ def _quantised_tensors(model: nn.Module, bits: int, packed: bool) -> dict[str, t
     for name, p in model.state_dict().items():
         if name == "unembed.weight" and getattr(model.cfg, "tie_embeddings", False):
             continue                                                                # the embedding, stored once
-        p = p.detach().float().cpu()
+        p = p.detach().float().cpu()                 # cpu-ok: the artifact is bytes on disk
         if bits == 32 or not quantizable(name, p):
             tensors[name] = p
             continue

@@ -187,7 +187,8 @@ def tensor_file_bytes(tensors: dict[str, torch.Tensor], meta: dict | None = None
         dtype = str(t.dtype).replace("torch.", "")
         if dtype not in _DTYPES:
             raise ValueError(f"write_tensors: {name!r} has dtype {dtype}; supported: {sorted(_DTYPES)}")
-        raw = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        host = t.detach().cpu().contiguous()            # cpu-ok: the file is bytes in host memory
+        raw = host.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         entries.append({"name": name, "dtype": dtype, "shape": list(t.shape), "offset": offset, "nbytes": len(raw)})
         chunks.append(raw)
         offset += len(raw)

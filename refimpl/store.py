@@ -111,12 +111,12 @@ def _lock_directory(directory: Path):
 def _fast_device(device) -> torch.device:
     """The fast tier's device: None picks CUDA when there is one, else the CPU stand-in."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")   # cpu-ok: the stand-in fast tier
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"TieredStore: device must be None, 'cpu' or 'cuda[:n]', got {device!r}") from None
-    if device.type not in ("cpu", "cuda"):
+    if device.type not in ("cpu", "cuda"):                                      # cpu-ok: the devices allowed
         raise ValueError(f"TieredStore: device must be None, 'cpu' or 'cuda[:n]', got {device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"TieredStore: device={str(device)!r} but this machine has no CUDA; "
@@ -261,7 +261,8 @@ class TieredStore:
         return {name: t.detach().to(self.fast_device, copy=True) for name, t in block.items()}
 
     def _to_ram(self, block: dict) -> dict:
-        return {name: torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.ram_pinned).copy_(t)
+        return {name: torch.empty(t.shape, dtype=t.dtype, device="cpu",   # cpu-ok: this is the RAM tier
+                                  pin_memory=self.ram_pinned).copy_(t)
                 for name, t in block.items()}
 
     def _write(self, key: str, block: dict, move: str):

@@ -306,7 +306,7 @@ class Thalamus(nn.Module):
         counts = torch.bincount(top_i.flatten(), minlength=self.n_experts)
         self.aux_loss = load_balancing_loss(probs, counts)
         if self.pathways is not None:
-            self.pathways.update(top_i.detach().cpu())
+            self.pathways.update(top_i.detach().cpu())   # cpu-ok: the pathways are counts kept in Python and SQLite
         best_two = probs.topk(min(2, self.n_experts), dim=-1).values
         self.last_introspection = {
             "scores": probs.detach().view(B, T, -1),                              # [B, T, E] every expert's score
