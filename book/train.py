@@ -157,7 +157,9 @@ def train(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, progress
             raise ValueError(f"train: batch_size={cfg.batch_size} must be a multiple of the {world} processes "
                              "(each takes an equal slice of every batch)")
         from torch.nn.parallel import DistributedDataParallel
-        stepped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # find_unused_parameters: an expert that no token of this slice chose has no gradient this step
+        stepped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=True)
         progress = progress and rank == 0
     optimizer = make_optimizer(model, cfg)
     history = History(config=asdict(cfg))
