@@ -23,7 +23,8 @@ import torch
 
 from book.show import display_markdown
 from refimpl import ops
-from refimpl.blocks import KVCache, SwiGLU, apply_rope, load_balancing_loss, rope_tables
+from refimpl.blocks import KVCache, SwiGLU, apply_rope, capacity_overflow, load_balancing_loss, rope_tables
+from refimpl.superblock import SuperblockLM, accepted_prefix
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,58 @@ def _one_query(q, k, v):
     return ops.attention(q[None, None, None], k[None, :, None], v[None, :, None], causal=False)[0, 0, 0]
 
 
+def _sgd_inputs(g):
+    K, V = 5, 3
+    return (_randn(g, V, K), torch.nn.functional.normalize(_randn(g, K), dim=0), _randn(g, V),
+            float(torch.rand(1, generator=g)) * 0.9 + 0.05)
+
+
+def _delta_rule_as_sgd(S, k, v, lr):
+    """The model's own op: one step of the delta rule with no decay (alpha = 1) and beta = lr."""
+    _, S_next = ops.gated_delta_rule_recurrent(k[None, None, None], k[None, None, None], v[None, None, None],
+                                               torch.zeros(1, 1, 1), torch.full((1, 1, 1), lr), S[None, None])
+    return S_next[0, 0]
+
+
+def _triangular_inputs(g):
+    C, V = 6, 3
+    return torch.tril(_randn(g, C, C), diagonal=-1) * 0.5, _randn(g, C, V)
+
+
+def _unit_lower_solve(A, B):
+    """What gated_delta_rule_chunked does with (I + A) U = B: one unit-triangular solve."""
+    eye = torch.eye(A.shape[0], dtype=A.dtype)
+    return torch.linalg.solve_triangular(A + eye, B, upper=False, unitriangular=True)
+
+
+def _capacity_inputs(g):
+    E, N, k = 4, 64, 2
+    counts = torch.bincount(torch.randint(0, E, (N * k,), generator=g) ** 2 % E, minlength=E)   # uneven on purpose
+    return counts, N, k, float(torch.rand(1, generator=g)) + 0.8
+
+
+def _accepted_inputs(g):
+    J = 4
+    drafts = torch.randint(0, 3, (J,), generator=g)
+    choices = torch.where(torch.rand(J, generator=g) < 0.6, torch.roll(drafts, -1), torch.randint(0, 3, (J,), generator=g))
+    return drafts, choices
+
+
+def _accepted(drafts, choices):
+    return torch.tensor(accepted_prefix(drafts.tolist(), choices.tolist()))
+
+
+def _horizon_inputs(g):
+    B, T, V = 2, 7, 5
+    return _randn(g, B, T, V), torch.randint(0, V, (B, T), generator=g), int(torch.randint(1, 4, (1,), generator=g))
+
+
+def _horizon_loss(logits, targets, j):
+    """The model's own _horizon_loss, with its final norm and unembedding replaced by the identity."""
+    identity = type("Heads", (), {"logits": staticmethod(lambda h: h)})()
+    return SuperblockLM._horizon_loss(identity, logits, targets, j)
+
+
 def _scan_step_inputs(g):
     Dm, N = 4, 3
     h = _randn(g, Dm, N)
@@ -194,6 +247,35 @@ EXERCISES = {e.name: e for e in [
              "(q: [D], k, v: [S, D] -> [D]).",
              "def online_softmax(q, k, v):",
              _online_inputs, _one_query),
+    Exercise("online_regression_step",
+             "One step of gradient descent, learning rate `lr`, on the regression loss "
+             "$L(S) = \\tfrac12 \\lVert S k - v \\rVert^2$: return $S - \\mathrm{lr}\\, \\nabla_S L$ "
+             "(S: [V, K], k: [K] of unit length, v: [V]). The book checks it against one step of its delta rule.",
+             "def online_regression_step(S, k, v, lr):",
+             _sgd_inputs, _delta_rule_as_sgd),
+    Exercise("triangular_solve",
+             "Solve $(I + A)\\,U = B$ for U by forward substitution, one row at a time: row t of U is row t of B "
+             "minus $\\sum_{s<t} A_{ts} U_s$ (A: [C, C] strictly lower-triangular, B: [C, V] -> U: [C, V]).",
+             "def triangular_solve(A, B):",
+             _triangular_inputs, _unit_lower_solve),
+    Exercise("capacity_overflow",
+             "Each of the E experts can take at most $\\lceil f \\cdot N k / E \\rceil$ token copies; return "
+             "how many copies are over capacity in total, as a 0-d tensor (tokens_per_expert: [E] copies routed "
+             "to each expert, n_tokens N, top_k k, capacity_factor f).",
+             "def capacity_overflow(tokens_per_expert, n_tokens, top_k, capacity_factor):",
+             _capacity_inputs, capacity_overflow),
+    Exercise("accepted_prefix",
+             "Self-speculative decoding: `drafts[0]` is the main head's own pick and always stands; draft i "
+             "stands while it equals `choices[i - 1]` (the main head's greedy pick after drafts 0..i-1) and every "
+             "earlier draft stood. Return how many stand, as a 0-d tensor (drafts, choices: [J] token ids).",
+             "def accepted_prefix(drafts, choices):",
+             _accepted_inputs, _accepted),
+    Exercise("horizon_loss",
+             "The multi-token-prediction loss of horizon j: the mean cross-entropy of predicting token t+j from "
+             "position t, with `targets[:, t]` = token t+1, so token t+j is `targets[:, t+j-1]`; positions with "
+             "no token t+j are left out (logits: [B, T, V], targets: [B, T], j >= 1).",
+             "def horizon_loss(logits, targets, j):",
+             _horizon_inputs, _horizon_loss),
     Exercise("scan_step",
              "One step of Mamba's selective scan for one token: $h' = e^{\\Delta A} h + \\Delta\\, u\\, B$, "
              "$y = h' C + D u$ (h: [Dm, N], u, delta, D: [Dm], A: [Dm, N], B, C: [N]). Return (y, h').",

@@ -92,3 +92,37 @@ def online_softmax(q, k, v):
         acc = acc * correction + weight * v[j]
         m = m_new
     return acc / l
+
+
+def online_regression_step(S, k, v, lr):
+    """The gradient of 1/2 |S k - v|^2 with respect to S is (S k - v) k^T; step against it."""
+    return S - lr * torch.outer(S @ k - v, k)
+
+
+def triangular_solve(A, B):
+    """Forward substitution: U_t = B_t - sum_{s<t} A_ts U_s (the diagonal of I + A is 1)."""
+    U = torch.zeros_like(B)
+    for t in range(B.shape[0]):
+        U[t] = B[t] - A[t, :t] @ U[:t]
+    return U
+
+
+def capacity_overflow(tokens_per_expert, n_tokens, top_k, capacity_factor):
+    """Copies past ceil(f N k / E) at each expert, summed."""
+    capacity = math.ceil(capacity_factor * n_tokens * top_k / len(tokens_per_expert))
+    return sum(max(0, int(c) - capacity) for c in tokens_per_expert) * torch.ones((), dtype=tokens_per_expert.dtype)
+
+
+def accepted_prefix(drafts, choices):
+    """Walk the drafts while each one matches the main head's choice after the ones before it."""
+    n = 1
+    while n < len(drafts) and int(drafts[n]) == int(choices[n - 1]):
+        n += 1
+    return torch.tensor(n)
+
+
+def horizon_loss(logits, targets, j):
+    """Position t predicts token t+j = targets[:, t+j-1]: the first T-j+1 positions have one."""
+    T = targets.shape[1]
+    scores = logits[:, : T - j + 1]
+    return torch.nn.functional.cross_entropy(scores.reshape(-1, scores.shape[-1]), targets[:, j - 1:].reshape(-1))

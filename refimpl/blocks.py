@@ -18,6 +18,7 @@ The heavy lifting is done by `refimpl.ops`, called through the module so that
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -185,6 +186,20 @@ def load_balancing_loss(probs: torch.Tensor, tokens_per_expert: torch.Tensor) ->
     """
     share = tokens_per_expert.float() / tokens_per_expert.sum()
     return probs.shape[-1] * (share * probs.mean(dim=0)).sum()
+
+
+def capacity_overflow(tokens_per_expert: torch.Tensor, n_tokens: int, top_k: int,
+                      capacity_factor: float) -> torch.Tensor:
+    """Token copies a capacity-bound router would drop: each of the E experts takes at most
+    ceil(capacity_factor * N * k / E) copies, and the copies past that are not computed.
+
+    tokens_per_expert [E] (copies routed to each expert) -> a 0-d tensor, the copies over capacity. The book's MoE
+    layers are dropless (every copy is computed, `ExpertPool`); this measures what a capacity would have cost.
+    """
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity_overflow: capacity_factor must be > 0, got {capacity_factor}")
+    capacity = math.ceil(capacity_factor * n_tokens * top_k / tokens_per_expert.numel())
+    return (tokens_per_expert - capacity).clamp(min=0).sum()
 
 
 class ExpertPool(nn.Module):

@@ -107,3 +107,13 @@ def test_bad_configs_are_value_errors():
         ops.rms_norm(torch.randn(2, 8), torch.randn(7))
     with pytest.raises(ValueError, match="idx as an int tensor"):
         BaselineLM(BaselineConfig.preset("tiny"))(torch.randn(2, 4))
+
+
+def test_capacity_overflow_counts_the_copies_past_capacity():
+    from refimpl.blocks import capacity_overflow
+    counts = torch.tensor([90, 20, 30, 116])                 # N = 128 tokens, top-2, E = 4: N k / E = 64
+    assert int(capacity_overflow(counts, 128, 2, 1.0)) == (90 - 64) + (116 - 64)
+    assert int(capacity_overflow(counts, 128, 2, 1.25)) == (90 - 80) + (116 - 80)
+    assert int(capacity_overflow(counts, 128, 2, 2.0)) == 0
+    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+        capacity_overflow(counts, 128, 2, 0.0)
