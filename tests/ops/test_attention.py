@@ -8,6 +8,8 @@ GQA against multi-head attention, and windows covering the sequence or not.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,6 +96,27 @@ def test_head_dim_beyond_the_cuda_accumulator_is_a_value_error(backend):
     q = torch.randn(1, 2, 1, attention_kernels.MAX_HEAD_DIM + 2, device=device_for(backend))
     with pytest.raises(ValueError, match=f"head dimension D <= {attention_kernels.MAX_HEAD_DIM}"):
         kernels.get("attention", backend)(q, q, q)
+
+
+def test_numba_exp_matches_math_exp():
+    """The numba kernel's own exp (a polynomial LLVM vectorises) against libm's, over every x <= 0 it meets."""
+    for x in [0.0, -1e-300, -0.34657359, -0.5, -1.0, -17.3, -100.0, -708.0] + [-708.0 * i / 997 for i in range(998)]:
+        assert attention_kernels._exp_nonpositive(x) == pytest.approx(math.exp(x), rel=1e-15, abs=0.0), x
+    assert attention_kernels._exp_nonpositive(-1e4) < 1e-300                  # underflow: (all but) zero
+    assert math.isnan(attention_kernels._exp_nonpositive(math.nan))
+
+
+def test_numba_attention_keeps_a_nan_visible():
+    """A NaN in q spoils only its own output row; a NaN key spoils every query that reads it: as the reference."""
+    g = seeded(7)
+    q = random_tensor((1, 9, 2, 6), generator=g)
+    k, v = random_tensor((1, 9, 1, 6), generator=g), random_tensor((1, 9, 1, 6), generator=g)
+    q[0, 4, 1, 2], k[0, 6, 0, 3] = math.nan, math.nan
+    for window in (None, 2):
+        got = kernels.get("attention", "numba")(q, k, v, window=window)
+        expected = kernels.get("attention", "reference")(q, k, v, window=window)
+        assert torch.equal(got.isnan(), expected.isnan()), f"window={window}"
+        assert_close(got.nan_to_num(), expected.nan_to_num(), f"window={window}, away from the NaNs")
 
 
 # ---------------------------------------------------------------- the reference op: GQA vs multi-head, windows
