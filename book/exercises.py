@@ -24,7 +24,7 @@ import torch
 from book.show import display_markdown
 from refimpl import ops
 from refimpl.blocks import KVCache, SwiGLU, apply_rope, capacity_overflow, load_balancing_loss, rope_tables
-from refimpl.superblock import SuperblockLM, accepted_prefix
+from refimpl.superblock import SuperblockConfig, SuperblockLM, accepted_prefix, experts_to_reach, parameter_count
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,17 @@ def _horizon_loss(logits, targets, j):
     return SuperblockLM._horizon_loss(identity, logits, targets, j)
 
 
+def _experts_inputs(g):
+    cfg = SuperblockConfig(d_model=16 * int(torch.randint(2, 5, (1,), generator=g)),
+                           n_superblocks=int(torch.randint(1, 4, (1,), generator=g)), n_heads=4, n_kv_heads=2)
+    total = parameter_count(cfg)["total"]
+    return cfg, total, float(total) * (2 + 4 * float(torch.rand(1, generator=g)))
+
+
+def _experts(cfg, total, target):
+    return torch.tensor(experts_to_reach(cfg, target))
+
+
 def _scan_step_inputs(g):
     Dm, N = 4, 3
     h = _randn(g, Dm, N)
@@ -276,6 +287,13 @@ EXERCISES = {e.name: e for e in [
              "no token t+j are left out (logits: [B, T, V], targets: [B, T], j >= 1).",
              "def horizon_loss(logits, targets, j):",
              _horizon_inputs, _horizon_loss),
+    Exercise("experts_to_reach",
+             "The smallest number of experts per MoE layer E at which the model's total parameter count reaches "
+             "`target`: every extra expert adds $2 n_{sb} (3 C F + C)$ (a SwiGLU expert and its router column, in two "
+             "MoE layers per superblock), and `total` is the count at the config's own `cfg.n_experts`. Return E as a "
+             "0-d tensor (cfg: a SuperblockConfig with d_model C, n_superblocks, expert_hidden F; target: a count).",
+             "def experts_to_reach(cfg, total, target):",
+             _experts_inputs, _experts),
     Exercise("scan_step",
              "One step of Mamba's selective scan for one token: $h' = e^{\\Delta A} h + \\Delta\\, u\\, B$, "
              "$y = h' C + D u$ (h: [Dm, N], u, delta, D: [Dm], A: [Dm, N], B, C: [N]). Return (y, h').",

@@ -126,3 +126,9 @@ def horizon_loss(logits, targets, j):
     T = targets.shape[1]
     scores = logits[:, : T - j + 1]
     return torch.nn.functional.cross_entropy(scores.reshape(-1, scores.shape[-1]), targets[:, j - 1:].reshape(-1))
+
+
+def experts_to_reach(cfg, total, target):
+    """The total grows by one expert's worth per expert: solve total + (E - E0) * per_expert >= target for E."""
+    per_expert = cfg.n_superblocks * 2 * (3 * cfg.d_model * cfg.expert_hidden + cfg.d_model)
+    return torch.tensor(max(1, math.ceil((target - total) / per_expert) + cfg.n_experts))
