@@ -1,7 +1,7 @@
 """The GPU results in the book: each chapter shows the latest table `make gpu-check` recorded on a real GPU for
 its ops (where and when it was measured), and says plainly when no GPU has run it yet.
 
-    book.gpu_results.show(["gated_delta_rule", "attention"])    # in a chapter's kernel section
+    book.gpu_results.report(["gated_delta_rule", "attention"])    # in a chapter's kernel section
 
 The record is the newest benchmarks/results/gpu_check_<gpu>.json (by the date in its provenance). The table has
 one row per benchmarked case of those ops and per variant: the median time with CUDA events and the speed-up
@@ -80,7 +80,7 @@ def markdown(path: Path, record: dict, ops: list[str]) -> str:
     return "\n".join(lines)
 
 
-def show(ops: list[str], results_dir: Path = RESULTS) -> str:
+def report(ops: list[str], results_dir: Path = RESULTS) -> str:
     """Display the latest GPU table for `ops` (or say that none exists yet); return the Markdown."""
     found = latest(results_dir)
     text = NONE_YET if found is None else markdown(*found, ops)
