@@ -157,6 +157,28 @@ DEQUANTIZE_SHAPES = {"R1-n1": (1, 1), "R3-n5": (3, 5), "R4-n7": (4, 7), "R5-n2":
                      "R33-n12": (33, 12), "R0-n5": (0, 5)}
 
 
+@pytest.mark.parametrize("shape", [(16381,), (2, 8191), (16385,), (2, 32773)],
+                         ids=["n16381", "rows2-n8191", "n16385", "rows2-n32773"])
+@pytest.mark.parametrize("bits", BITS)
+def test_numba_rows_of_several_tasks(bits, shape):
+    """The numba CPU kernels cut a row into tasks of SPAN groups. A partial group as the last of exactly
+    SPAN groups (INT6 n = 4 SPAN - 3, INT4 n = 2 SPAN - 1), alone in a row's last task (INT6 n = 4 SPAN + 1),
+    and rows of several tasks that end in a partial group."""
+    assert quant_kernels.SPAN == 4096, "the shapes above are chosen for SPAN = 4096"
+    values, n = _values(shape, bits, seed=shape[-1]), shape[-1]
+    with poisoned_outputs():
+        packed = kernels.get("pack_bits", "numba")(values, bits)
+    _assert_equal(packed, ops.pack_bits(values, bits), f"pack_bits[numba] int{bits} {list(shape)}")
+    with poisoned_outputs():
+        unpacked = kernels.get("unpack_bits", "numba")(packed, n, bits)
+    _assert_equal(unpacked, values, f"unpack_bits[numba] int{bits} {list(shape)} round trip")
+    rows = packed.reshape(-1, packed.shape[-1])
+    scale = _scale(rows.shape[0], torch.float32, bits)
+    with poisoned_outputs():
+        got = kernels.get("dequantize_packed", "numba")(rows, scale, n, bits)
+    _assert_equal(got, ops.dequantize_packed(rows, scale, n, bits), f"dequantize_packed[numba] int{bits} {list(shape)}")
+
+
 @pytest.mark.parametrize("shape", DEQUANTIZE_SHAPES.values(), ids=DEQUANTIZE_SHAPES.keys())
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES)
