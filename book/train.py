@@ -225,32 +225,68 @@ def cache_key(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, name
     return digest.hexdigest()[:20]
 
 
+AVERAGED = "averaged/"            # the prefix of the averaged weights' names in a cache file
+
+
 def train_cached(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, *, chapter: str, name: str,
-                 profile: str, extra: dict | None = None, **train_kwargs) -> History:
+                 profile: str, extra: dict | None = None, average_from: int | None = None,
+                 **train_kwargs) -> History:
     """`train`, or, when this exact run was trained before, its weights and history loaded from
     build/cache/<chapter>/<name>-<key>.tensors (a checked tensor file: no pickle). The key is `cache_key`;
     BOOK_RETRAIN=1 trains anyway (and rewrites the file). `extra` names anything else the run depends on
     (a forward_backward's settings, say). Returns the History; `history.cached_from` names the file it was
-    loaded from, or is None when it trained (not a dataclass field: it never reaches a chapter's metrics)."""
+    loaded from, or is None when it trained (not a dataclass field: it never reaches a chapter's metrics).
+
+    average_from=s also keeps the running mean of the parameters over steps s, s + 1, ... (stochastic weight
+    averaging, `refimpl.henn.WeightAverage`), stored in the same file: `history.averaged` is that WeightAverage
+    (`.copy_to(model)` writes it, `.count` says over how many steps), trained or loaded alike."""
     import os
 
     from book.chapters import ROOT
     from refimpl.io import read_tensors, write_tensors
 
+    from refimpl.henn import WeightAverage
+
+    if average_from is not None and not 0 <= average_from < cfg.steps:
+        raise ValueError(f"train_cached: average_from must be a step in [0, {cfg.steps}), got {average_from!r}")
+    if average_from is not None:
+        extra = {**(extra or {}), "average_from": average_from}
     key = cache_key(model, corpus, cfg, name, profile, extra)
     path = ROOT / "build" / CACHE_DIR_NAME / chapter / f"{name}-{key}.tensors"
+    average = WeightAverage() if average_from is not None else None
     if path.exists() and os.environ.get("BOOK_RETRAIN") != "1":
         try:
             tensors, meta = read_tensors(path)
-            model.load_state_dict({k: v.to(_device_of(model)) for k, v in tensors.items()})
+            device = _device_of(model)
+            model.load_state_dict({k: v.to(device) for k, v in tensors.items() if not k.startswith(AVERAGED)})
+            if average is not None:
+                average.count = meta["averaged_steps"]
+                average.mean = {k[len(AVERAGED):]: v.to(device) for k, v in tensors.items() if k.startswith(AVERAGED)}
+                if average.mean.keys() != dict(model.named_parameters()).keys():
+                    raise KeyError("the averaged weights do not name the model's parameters")
             history = History(**meta["history"])
             history.cached_from = str(path.relative_to(ROOT))
+            history.averaged = average
             print(f"{name}: loaded the trained model from {path.relative_to(ROOT)} (BOOK_RETRAIN=1 to train again)")
             return history
         except (ValueError, KeyError, RuntimeError, TypeError) as err:   # unreadable or stale: say so, train again
             print(f"{name}: the cached model {path.relative_to(ROOT)} cannot be used ({err}); training again")
+    if average is not None:
+        then = train_kwargs.pop("after_step", None)
+
+        def after_step(step, m):
+            if then is not None:
+                then(step, m)
+            if step >= average_from:
+                average.update(m)
+        train_kwargs["after_step"] = after_step
     history = train(model, corpus, cfg, **train_kwargs)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}  # cpu-ok: to a file
-    write_tensors(path, state, meta={"history": history.as_dict(), "key": key})
+    meta = {"history": history.as_dict(), "key": key}
+    if average is not None:
+        state.update({AVERAGED + k: v.detach().cpu().contiguous() for k, v in average.mean.items()})  # cpu-ok: file
+        meta["averaged_steps"] = average.count
+    write_tensors(path, state, meta=meta)
     history.cached_from = None
+    history.averaged = average
     return history

@@ -76,3 +76,40 @@ def test_retrain_switch_and_a_damaged_file(corpus, tmp_path, monkeypatch, capsys
     assert _run(corpus, _model()).cached_from is None
     assert "cannot be used" in capsys.readouterr().out
     assert _run(corpus, _model()).cached_from is not None                                    # rewritten, loads again
+
+
+def test_the_weight_average_is_kept_and_loaded_with_the_model(corpus, monkeypatch):
+    """average_from: the running mean of the parameters over the late steps (stochastic weight averaging) is
+    stored beside the weights, so a cached run gives back the same average as the run that trained."""
+    cfg = TrainConfig(steps=4, batch_size=2, seq_len=16, warmup=1, eval_every=4, eval_batches=1)
+    seen = []
+    trained_model = _model()
+    trained = train_cached(trained_model, corpus, cfg, chapter="00_test", name="avg", profile="ci", progress=False,
+                           average_from=2, after_step=lambda step, m: seen.append(step))
+    assert seen == [0, 1, 2, 3], "the caller's after_step still runs at every step"
+    assert trained.cached_from is None and trained.averaged.count == 2
+    averaged = _model()
+    trained.averaged.copy_to(averaged)
+    assert any(not torch.equal(a, b) for a, b in zip(averaged.parameters(), trained_model.parameters())), \
+        "the mean of steps 2 and 3 equals the last step's weights: nothing was averaged"
+
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("trained although cached"))
+    again_model = _model()
+    again = train_cached(again_model, corpus, cfg, chapter="00_test", name="avg", profile="ci", progress=False,
+                         average_from=2)
+    assert again.cached_from is not None and again.averaged.count == 2
+    for a, b in zip(trained_model.parameters(), again_model.parameters()):
+        assert torch.equal(a, b)
+    again_averaged = _model()
+    again.averaged.copy_to(again_averaged)
+    for a, b in zip(averaged.parameters(), again_averaged.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"average_from must be a step in \[0, 4\), got 4"):
+        train_cached(_model(), corpus, cfg, chapter="00_test", name="avg", profile="ci", average_from=4)
+
+
+def test_averaging_is_part_of_the_key(corpus):
+    """A run cached without an average is not loaded when one is asked for (it has none to give)."""
+    plain = _run(corpus, _model())
+    averaged = _run(corpus, _model(), average_from=1)
+    assert plain.cached_from is None and averaged.cached_from is None and averaged.averaged.count == 2
