@@ -48,6 +48,17 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def one_dtype(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The inputs of a recurrence cast to the widest dtype among them (None passes through). Under bf16
+    autocast a layer's projections come out bfloat16 while its gates and parameters stay float32; a state
+    summed over many tokens is kept in the wider one, as fused scan kernels keep theirs in float32."""
+    dtypes = [t.dtype for t in tensors if t is not None]
+    wide = dtypes[0]
+    for dtype in dtypes[1:]:
+        wide = torch.promote_types(wide, dtype)
+    return tuple(t.to(wide) if t is not None else None for t in tensors)
+
+
 class RMSNorm(nn.Module):
     """Learned-scale RMS normalisation over the last dimension (eps 1e-6 by default)."""
 
@@ -59,7 +70,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., C] -> [..., C]
-        return ops.rms_norm(x, self.weight, self.eps)
+        if x.dtype == self.weight.dtype:
+            return ops.rms_norm(x, self.weight, self.eps)
+        # under bf16 autocast x may be bfloat16 while the weight stays float32: normalise in the wider of
+        # the two (the mean of squares is where bf16 loses most), hand back x's dtype
+        wide = torch.promote_types(x.dtype, self.weight.dtype)
+        return ops.rms_norm(x.to(wide), self.weight.to(wide), self.eps).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------

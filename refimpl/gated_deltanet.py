@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from refimpl import ops
-from refimpl.blocks import RMSNorm
+from refimpl.blocks import RMSNorm, one_dtype
 
 
 # ----------------------------------------------------------------------------
@@ -88,6 +88,7 @@ class GatedDeltaNet(nn.Module):
         beta = torch.sigmoid(self.beta_proj(x))                                  # [B, T, H]
         g = -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)        # [B, T, H], <= 0
         S0 = state.S if state is not None else None
+        q, k, v, g, beta = one_dtype(q, k, v, g, beta)                                # bf16 autocast: float32
         o, S = ops.gated_delta_rule(q, k, v, g, beta, S0)                            # [B, T, H, V], [B, H, V, K]
         if state is not None:
             state.S = S

@@ -230,7 +230,7 @@ def detach_states(states: list[HENNState]) -> None:
 
 
 def tick_backward(model: HENNLM, x: torch.Tensor, y: torch.Tensor, tick: int, states: list[HENNState] | None = None,
-                  truncate: bool = True) -> float:
+                  truncate: bool = True, autocast: str = "none") -> float:
     """Run one batch x, y [B, T] through `model` in ticks of `tick` tokens and accumulate gradients.
 
     The state of every layer (SSM states, the attention window's keys and values) is carried from
@@ -238,17 +238,22 @@ def tick_backward(model: HENNLM, x: torch.Tensor, y: torch.Tensor, tick: int, st
     autograd only ever holds one tick's graph: memory depends on the tick, not on T. truncate=False
     keeps the whole graph and calls backward once: full BPTT through the same computation.
     The loss is the mean over all T tokens either way; returns it (nats per token).
+    autocast="bf16" runs each tick's forward under torch.autocast in bfloat16 (the write-up's "BFloat16
+    training"); the backward runs outside it, and the weights stay float32.
     """
     if not isinstance(tick, int) or tick < 1:
         raise ValueError(f"tick must be a positive int, got {tick!r}")
+    if autocast not in ("none", "bf16"):
+        raise ValueError(f"autocast must be 'none' or 'bf16', got {autocast!r}")
     if x.shape != y.shape or x.dim() != 2:
         raise ValueError(f"x and y must both be [B, T], got {list(x.shape)} and {list(y.shape)}")
     states = states if states is not None else model.new_state()
     T = x.shape[1]
     total, kept = 0.0, []
     for lo in range(0, T, tick):
-        _, loss = model(x[:, lo:lo + tick], y[:, lo:lo + tick], states)
-        share = loss * (min(tick, T - lo) / T)                                      # this tick's part of the mean
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+            _, loss = model(x[:, lo:lo + tick], y[:, lo:lo + tick], states)
+        share = loss.float() * (min(tick, T - lo) / T)                              # this tick's part of the mean
         total += share.item()
         if truncate:
             share.backward()

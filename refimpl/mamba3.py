@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from refimpl import ops
-from refimpl.blocks import RMSNorm
+from refimpl.blocks import RMSNorm, one_dtype
 
 
 class Mamba3State:
@@ -126,7 +126,8 @@ class Mamba3Layer(nn.Module):
         else:
             xs, zs = x[:, :, :, None], z[:, :, :, None]                               # [B, T, H, 1, P]
         start = state.scan if state is not None else None
-        y, carried = ops.mamba3_scan(xs, dt, A, Bm, Cm, theta, lam, self.D, start)        # [B, T, H, R, P]
+        xs, dt, A, Bm, Cm, theta, lam, D = one_dtype(xs, dt, A, Bm, Cm, theta, lam, self.D)   # bf16 autocast
+        y, carried = ops.mamba3_scan(xs, dt, A, Bm, Cm, theta, lam, D, start)             # [B, T, H, R, P]
         if state is not None:
             state.scan = carried
         y = y * F.silu(zs)                                                            # output gate, per rank

@@ -246,3 +246,19 @@ def test_bad_input_is_a_value_error():
         model(torch.zeros(1, 8))
     with pytest.raises(ValueError, match="bits must be one of"):
         write_artifact("/tmp/never-written", model, 5)
+
+
+@BACKBONES
+def test_bf16_autocast_ticks_give_the_same_loss_to_bf16_precision(backbone):
+    """autocast="bf16": each tick's forward in bfloat16, the same model and batch; the weights stay float32."""
+    x = _tokens(2, 32)
+    losses = {}
+    for autocast in ("none", "bf16"):
+        model = _model(backbone)
+        losses[autocast] = henn.tick_backward(model, x[:, :-1], x[:, 1:], 8, autocast=autocast)
+        assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+                   for p in model.parameters() if p.requires_grad)
+    assert losses["bf16"] == pytest.approx(losses["none"], rel=0.02)
+    assert losses["bf16"] != losses["none"], "autocast changed nothing: was the forward in bf16 at all?"
+    with pytest.raises(ValueError, match="autocast must be 'none' or 'bf16', got 'fp8'"):
+        henn.tick_backward(_model(backbone), x[:, :-1], x[:, 1:], 8, autocast="fp8")
