@@ -207,6 +207,89 @@ def _delta_step(S, q, k, v, alpha, beta):
     return o[0, 0, 0], S_next[0, 0]
 
 
+# ---------------------------------------------------------------- chapter 02 (H-ENN)
+
+def _one_token(t):
+    """A [P] or [N] vector as the scan's [B=1, T=1, H=1, R=1, .] input."""
+    return t[None, None, None, None]
+
+
+def _trapezoid_inputs(g):
+    P, N = 3, 4
+    h, x_prev, x = _randn(g, P, N), _randn(g, P), _randn(g, P)
+    B_prev, B, C = _randn(g, N), _randn(g, N), _randn(g, N)
+    dt = float(torch.rand(1, generator=g)) + 0.1
+    A = -float(torch.rand(1, generator=g)) - 0.1
+    lam = float(torch.rand(1, generator=g))
+    return h, x_prev, B_prev, x, B, C, dt, A, lam
+
+
+def _trapezoid_step(h, x_prev, B_prev, x, B, C, dt, A, lam):
+    """The model's own op: one token of the Mamba-3 scan (one head, rank 1, no rotation, no skip)."""
+    one = lambda v: torch.tensor(v, dtype=h.dtype).view(1, 1, 1)            # noqa: E731  a number as [B, T, H]
+    start = ops.Mamba3ScanState(h[None, None], None, B_prev[None, None, None], x_prev[None, None, None])
+    y, state = ops.mamba3_scan_recurrent(_one_token(x), one(dt), one(A), _one_token(B), _one_token(C),
+                                         trap=one(lam), initial_state=start)
+    return y[0, 0, 0, 0], state.h[0, 0]
+
+
+def _rotate_inputs(g):
+    return _randn(g, 2, 3, 8), torch.rand(2, 3, 3, generator=g) * 2 * math.pi
+
+
+def _mimo_inputs(g):
+    P, N, R = 3, 4, 2
+    return _randn(g, P, N), _randn(g, R, P), _randn(g, R, N), float(torch.rand(1, generator=g)) * 0.9 + 0.05, \
+        float(torch.rand(1, generator=g)) + 0.1
+
+
+def _mimo_update(h, x, B, alpha, gamma):
+    """The model's own op with lambda = 1 (no trapezoid), dt = gamma and A = log(alpha) / dt."""
+    R, P = x.shape
+    N = B.shape[1]
+    one = lambda v: torch.tensor(v, dtype=h.dtype).view(1, 1, 1)            # noqa: E731
+    _, state = ops.mamba3_scan_recurrent(x.view(1, 1, 1, R, P), one(gamma), one(math.log(alpha) / gamma),
+                                         B.view(1, 1, 1, R, N), torch.zeros(1, 1, 1, R, N, dtype=h.dtype),
+                                         initial_state=ops.Mamba3ScanState(h[None, None]))
+    return state.h[0, 0]
+
+
+def _decay_inputs(g):
+    return (-torch.rand(int(torch.randint(3, 9, (1,), generator=g)), generator=g),)
+
+
+def _pack_inputs(g):
+    return (torch.randint(-32, 32, (4 * int(torch.randint(1, 6, (1,), generator=g)),), generator=g),)
+
+
+def _unigram_inputs(g):
+    return (torch.randint(0, 256, (int(torch.randint(20, 400, (1,), generator=g)),), generator=g),)
+
+
+def _unigram(data):
+    """The model's own initialiser, on a tiny H-ENN (its output bias has the 256 bytes' log-frequencies)."""
+    from refimpl.henn import HENNConfig, HENNLM, unigram_output_bias
+    return unigram_output_bias(HENNLM(HENNConfig.preset("tiny")), data)
+
+
+def _average_inputs(g):
+    return _randn(g, 5), int(torch.randint(0, 6, (1,), generator=g)), _randn(g, 5)
+
+
+def _weight_average(mean, count, new):
+    """The model's own averager: its running mean after `count` values, then one more."""
+    from refimpl.henn import WeightAverage
+    module = torch.nn.Linear(5, 1, bias=False)
+    average = WeightAverage()
+    average.count, average.mean = count, {"weight": mean[None].clone()}
+    with torch.no_grad():
+        module.weight.copy_(new[None])
+    if count == 0:                                      # a fresh average starts from the first value
+        average.mean = {}
+    average.update(module)
+    return average.mean["weight"][0]
+
+
 EXERCISES = {e.name: e for e in [
     Exercise("rms_norm",
              "Normalise each vector of `x` by its root mean square, then scale by `weight`: "
@@ -304,6 +387,46 @@ EXERCISES = {e.name: e for e in [
              "$o = S' q$ (S: [V, K], q, k: [K], v: [V], alpha, beta: numbers). Return (o, S').",
              "def delta_rule_step(S, q, k, v, alpha, beta):",
              _delta_step_inputs, _delta_step),
+    Exercise("trapezoid_step",
+             "One token of Mamba-3's scan (one head, rank 1, a real state): with $\\alpha = e^{\\Delta A}$, "
+             "$h' = \\alpha h + (1-\\lambda)\\,\\Delta\\,\\alpha\\; x_{prev} B_{prev}^T + \\lambda\\,\\Delta\\; x B^T$ "
+             "and $y = h' C$ (h: [P, N], x_prev, x: [P], B_prev, B, C: [N]; dt, A, lam: numbers). Return (y, h').",
+             "def trapezoid_step(h, x_prev, B_prev, x, B, C, dt, A, lam):",
+             _trapezoid_inputs, _trapezoid_step),
+    Exercise("rotate_pairs",
+             "Turn the pairs $(v_{2k}, v_{2k+1})$ by angle[..., k] for k < K, as the complex numbers "
+             "$v_{2k} + i\\, v_{2k+1}$ times $e^{i\\,\\mathrm{angle}_k}$; dimensions from 2K on stay as they are "
+             "(v: [..., N], angle: [..., K] with K <= N/2 -> [..., N]).",
+             "def rotate_pairs(v, angle):",
+             _rotate_inputs, ops.rotate_pairs),
+    Exercise("mimo_update",
+             "The MIMO state update: R input channels write a rank-R change, "
+             "$h' = \\alpha h + \\gamma \\sum_r x_r B_r^T$ (h: [P, N], x: [R, P], B: [R, N]; alpha, gamma: numbers).",
+             "def mimo_update(h, x, B, alpha, gamma):",
+             _mimo_inputs, _mimo_update),
+    Exercise("decay_matrix",
+             "The decay mask of the chunked scan: $L_{ts} = \\alpha_{s+1} \\cdots \\alpha_t = e^{c_t - c_s}$ for "
+             "$s \\le t$ (1 on the diagonal) and 0 above it, with c the running sum of log alpha "
+             "(log_alpha: [T] -> [T, T]).",
+             "def decay_matrix(log_alpha):",
+             _decay_inputs, ops.decay_matrix),
+    Exercise("pack_int6",
+             "Pack 6-bit values four to three bytes: $u = v + 32$, then byte0 = u0 | u1 << 6, "
+             "byte1 = u1 >> 2 | u2 << 4, byte2 = u2 >> 4 | u3 << 2, each kept to its low 8 bits "
+             "(q: [4n] integers in [-32, 31] -> [3n] uint8).",
+             "def pack_int6(q):",
+             _pack_inputs, lambda q: ops.pack_bits(q, 6)),
+    Exercise("unigram_bias",
+             "The unigram initialisation of the output bias: the log of each byte's add-one-smoothed frequency, "
+             "$b_v = \\log \\frac{n_v + 1}{\\sum_u (n_u + 1)}$ over the 256 byte values (data: [n] byte ids -> [256]).",
+             "def unigram_bias(data):",
+             _unigram_inputs, _unigram),
+    Exercise("weight_average",
+             "The running mean that stochastic weight averaging keeps: after `count` weights have been averaged "
+             "into `mean`, add `new`: $\\bar w \\leftarrow \\bar w + (w - \\bar w) / (\\mathrm{count} + 1)$ "
+             "(a count of 0 means `new` is the first; mean, new: [n] -> [n]).",
+             "def weight_average(mean, count, new):",
+             _average_inputs, _weight_average),
 ]}
 
 

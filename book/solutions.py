@@ -132,3 +132,48 @@ def experts_to_reach(cfg, total, target):
     """The total grows by one expert's worth per expert: solve total + (E - E0) * per_expert >= target for E."""
     per_expert = cfg.n_superblocks * 2 * (3 * cfg.d_model * cfg.expert_hidden + cfg.d_model)
     return torch.tensor(max(1, math.ceil((target - total) / per_expert) + cfg.n_experts))
+
+
+def trapezoid_step(h, x_prev, B_prev, x, B, C, dt, A, lam):
+    """The previous input's write decays with this step's alpha; the two writes share dt by lambda."""
+    alpha = math.exp(dt * A)
+    h_next = alpha * h + (1 - lam) * dt * alpha * torch.outer(x_prev, B_prev) + lam * dt * torch.outer(x, B)
+    return h_next @ C, h_next
+
+
+def rotate_pairs(v, angle):
+    """Complex multiplication, pair by pair, on the first 2K dimensions."""
+    K = angle.shape[-1]
+    pairs = torch.view_as_complex(v[..., :2 * K].reshape(*v.shape[:-1], K, 2).contiguous())
+    turned = torch.view_as_real(pairs * torch.polar(torch.ones_like(angle), angle)).flatten(-2)
+    return torch.cat([turned, v[..., 2 * K:]], dim=-1)
+
+
+def mimo_update(h, x, B, alpha, gamma):
+    """sum_r x_r B_r^T is one matrix product: x^T B."""
+    return alpha * h + gamma * x.T @ B
+
+
+def decay_matrix(log_alpha):
+    """exp of the difference of running sums, zeroed above the diagonal."""
+    c = torch.cumsum(log_alpha, dim=0)
+    return torch.tril(torch.exp(c[:, None] - c[None, :]))
+
+
+def pack_int6(q):
+    """Shift to 0..63, then spread each group of four over three bytes, low bits first."""
+    u = (q.long() + 32).view(-1, 4)
+    u0, u1, u2, u3 = u.unbind(dim=1)
+    return torch.stack([(u0 | u1 << 6) & 0xFF, (u1 >> 2 | u2 << 4) & 0xFF, (u2 >> 4 | u3 << 2) & 0xFF],
+                       dim=1).flatten().to(torch.uint8)
+
+
+def unigram_bias(data):
+    """Count the bytes, add one to every count, take log-frequencies."""
+    counts = torch.bincount(data.long(), minlength=256).double() + 1
+    return torch.log(counts / counts.sum()).float()
+
+
+def weight_average(mean, count, new):
+    """The running mean: each new value moves it by 1 / (count + 1) of the gap."""
+    return new.clone() if count == 0 else mean + (new - mean) / (count + 1)

@@ -36,8 +36,8 @@ from refimpl.ops.fast_weight_memory import (check_fast_weight_args, fast_weight_
                                             fast_weight_memory_recurrent)
 from refimpl.ops.gated_delta_rule import (check_gated_delta_rule_args, gated_delta_rule, gated_delta_rule_chunked,
                                           gated_delta_rule_recurrent)
-from refimpl.ops.mamba3_scan import (Mamba3ScanState, check_mamba3_args, mamba3_scan, mamba3_scan_parallel,
-                                     mamba3_scan_recurrent, rotate_pairs)
+from refimpl.ops.mamba3_scan import (Mamba3ScanState, check_mamba3_args, decay_matrix, mamba3_scan,
+                                     mamba3_scan_parallel, mamba3_scan_recurrent, rotate_pairs)
 from refimpl.ops.mlstm import check_mlstm_args, mlstm, mlstm_parallel, mlstm_recurrent
 from refimpl.ops.modulated_linear import check_modulated_linear_args, modulated_linear, modulated_linear_materialised
 from refimpl.ops.moe import check_moe_combine_args, check_moe_dispatch_args, moe_combine, moe_dispatch
@@ -70,7 +70,7 @@ __all__ = ["adam_clip_step", "attention", "attention_mask", "average", "check_ad
            "check_selective_scan_args", "check_ties_merge_args", "check_unpack_args", "check_vq_nearest_args", "CLIP_EPS",
            "dequantize_packed", "elect_sign", "fast_weight_memory", "fast_weight_memory_parallel",
            "fast_weight_memory_recurrent", "gated_delta_rule", "gated_delta_rule_chunked",
-           "gated_delta_rule_recurrent", "mamba3_scan", "mamba3_scan_parallel", "mamba3_scan_recurrent",
+           "gated_delta_rule_recurrent", "decay_matrix", "mamba3_scan", "mamba3_scan_parallel", "mamba3_scan_recurrent",
            "Mamba3ScanState", "mlstm", "mlstm_parallel", "mlstm_recurrent", "modulated_linear",
            "modulated_linear_materialised", "moe_combine", "moe_dispatch", "neighbour_count",
            "neighbourhood_attention", "neighbourhood_attention_dense", "neighbourhood_mask", "pack_bits",

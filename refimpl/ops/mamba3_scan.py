@@ -155,6 +155,17 @@ def mamba3_scan_recurrent(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initi
     return y, Mamba3ScanState(h, angle, B_prev.contiguous(), x_prev.contiguous())
 
 
+def decay_matrix(log_alpha: torch.Tensor) -> torch.Tensor:
+    """L[..., t, s] = alpha_{s+1} ... alpha_t = exp(c_t - c_s) for s <= t (1 on the diagonal), 0 above it,
+    with c the running sum of log alpha. log_alpha [..., T] (<= 0) -> L [..., T, T]: how much of what was
+    written at token s is still in the state at token t. A difference of running sums, never a product of
+    many small factors (which would underflow); the masked entries are exp(-inf) = 0."""
+    c = torch.cumsum(log_alpha, dim=-1)                                               # [..., T]
+    T = log_alpha.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=log_alpha.device).tril()      # [t, s]: s <= t
+    return torch.exp((c[..., :, None] - c[..., None, :]).masked_fill(~causal, float("-inf")))
+
+
 def mamba3_scan_parallel(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initial_state=None):
     """The same scan as one masked matrix product over the whole call (Mamba-2's "SSD" view, plus the trapezoid).
 
@@ -186,9 +197,7 @@ def mamba3_scan_parallel(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initia
     c = torch.cumsum(log_alpha, dim=1)                                                # [B, T, H]
     gamma = lam * dt                                                                  # [B, T, H]
     beta = (1 - lam) * dt * torch.exp(log_alpha)                                      # [B, T, H]
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()               # [t, s]: s <= t
-    gap = (c[:, :, None] - c[:, None, :]).masked_fill(~causal[None, :, :, None], float("-inf"))
-    L = torch.exp(gap)                                                                # [B, T, T, H], 0 above the diagonal
+    L = decay_matrix(log_alpha.movedim(1, -1)).movedim(-2, 1).movedim(-1, 2)          # [B, T, T, H], 0 above the diagonal
     W = gamma[:, None] * L                                                            # [B, T, T, H]
     W = W + F.pad(beta[:, None, 1:] * L[:, :, 1:], (0, 0, 0, 1))                     # + beta_{s+1} L[t, s+1]
     w_prev = beta[:, :1] * L[:, :, 0]                                                 # [B, T, H]  beta_0 L[t, 0]
