@@ -45,11 +45,13 @@ class TrainConfig:
     eval_batches: int = 8          # validation batches per evaluation
     seed: int = 0                  # batch order
     autocast: str = "none"         # "bf16": the forward pass under torch.autocast in bfloat16 (a GPU's fast path)
+    max_seconds: float | None = None   # a wall-clock budget: stop when it is spent (the challenge's 10 min: 600)
 
     RULES = {"steps": whole(1), "batch_size": whole(1), "seq_len": whole(1), "lr": number(0, low_open=True),
              "min_lr_ratio": number(0, 1), "warmup": whole(0), "weight_decay": number(0),
              "grad_clip": number(0, low_open=True), "eval_every": whole(1), "eval_batches": whole(1),
-             "seed": whole(0), "autocast": choice("none", "bf16")}
+             "seed": whole(0), "autocast": choice("none", "bf16"),
+             "max_seconds": number(0, low_open=True, optional=True)}
 
     def __post_init__(self):
         check_fields(self, self.RULES)
@@ -69,11 +71,15 @@ class History:
         return asdict(self)
 
 
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio."""
+def learning_rate(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio. With a wall-clock budget
+    (cfg.max_seconds) the decay follows whichever runs out first, the steps or the seconds (`elapsed`), so a
+    budgeted run still ends at the low learning rate."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.max_seconds is not None:
+        progress = min(1.0, max(progress, elapsed / cfg.max_seconds))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -136,6 +142,16 @@ def _mean_over_processes(value: float, device: torch.device) -> float:
     return float(t) / dist.get_world_size()
 
 
+def _slowest(seconds: float, device: torch.device, world: int) -> float:
+    """The largest of every process's `seconds` (itself alone without torchrun): processes stop together."""
+    if world == 1:
+        return seconds
+    import torch.distributed as dist
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
 def train(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, progress: bool = True,
           description: str = "train", forward_backward=None, after_step=None) -> History:
     """Train `model` on `corpus.train`, evaluating bits per byte on `corpus.val` as it goes.
@@ -143,6 +159,8 @@ def train(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, progress
     forward_backward(model, x, y) -> loss (float, nats per token) computes the gradients of one batch;
     the default is one forward and one backward (chapter 02 passes its tick-by-tick version).
     after_step(step, model), if given, runs after every optimiser step (chapter 02 averages weights there).
+    With cfg.max_seconds the run stops at the first step that ends past the budget (evaluated there), and
+    `history.step` says how many steps it took; under torchrun every process stops at the same step.
     """
     if forward_backward is not None and cfg.autocast != "none":
         raise ValueError(f"train: autocast={cfg.autocast!r} applies to the default step only; a custom "
@@ -167,8 +185,9 @@ def train(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, progress
     start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=description, disable=not progress, mininterval=1.0)
     for step in bar:
+        elapsed = time.perf_counter() - start
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
+            group["lr"] = learning_rate(step, cfg, elapsed)
         x, y = random_batch(corpus.train, cfg.batch_size, cfg.seq_len, generator)   # the global batch
         if world > 1:
             x, y = x.chunk(world)[rank], y.chunk(world)[rank]                     # this process's rows
@@ -184,11 +203,14 @@ def train(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, progress
             after_step(step, model)
         history.step.append(step)
         history.train_bpb.append(loss / math.log(2))
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        spent = cfg.max_seconds is not None and _slowest(time.perf_counter() - start, device, world) >= cfg.max_seconds
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps or spent:
             val = bits_per_byte(model, corpus.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
             history.eval_step.append(step + 1)
             history.val_bpb.append(val)
             bar.set_postfix(train_bpb=f"{history.train_bpb[-1]:.3f}", val_bpb=f"{val:.3f}")
+        if spent:
+            break
     history.seconds = time.perf_counter() - start
     return history
 

@@ -76,3 +76,24 @@ def test_training_lowers_validation_bits_per_byte(corpus):
                     progress=False)
     assert history.val_bpb[-1] < before - 2.0, (before, history.val_bpb)  # from ~8 bits to well under 6
     assert len(history.train_bpb) == 60 and history.eval_step == [30, 60]
+
+
+def test_a_wall_clock_budget_stops_training_and_ends_the_schedule(corpus, monkeypatch):
+    """max_seconds: the run stops at the first step that ends past the budget, is evaluated there, and its
+    learning rate reaches the schedule's floor when the budget runs out, however many steps remain.
+    A fake clock (one second per reading) makes the stopping step exact."""
+    cfg = TrainConfig(steps=1000, warmup=2, lr=1e-3, min_lr_ratio=0.1, max_seconds=10.0, batch_size=4, seq_len=32,
+                      eval_every=100, eval_batches=1)
+    assert math.isclose(learning_rate(50, cfg, elapsed=10.0), 1e-4)            # the budget spent: the floor
+    assert math.isclose(learning_rate(50, cfg, elapsed=0.0), learning_rate(50, TrainConfig(**{**cfg.__dict__,
+                                                                                             "max_seconds": None})))
+    import book.train as train_module
+    clock = iter(range(10_000))
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: float(next(clock)))
+    torch.manual_seed(0)
+    model = BaselineLM(BaselineConfig.preset("tiny", max_seq_len=32))
+    history = train(model, corpus, cfg, progress=False)
+    # readings: 0 at the start, then two per step (before it, 2k + 1, and after it, 2k + 2): 2k + 2 >= 10 at k = 4
+    assert history.step == [0, 1, 2, 3, 4] and history.eval_step == [5] and len(history.val_bpb) == 1
+    with pytest.raises(ValueError, match="max_seconds"):
+        TrainConfig(max_seconds=0)
