@@ -223,11 +223,12 @@ def train(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, progress
 CACHE_DIR_NAME = "cache"
 
 
-def cache_key(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, name: str, profile: str,
+def cache_key(model: torch.nn.Module, corpus: TextCorpus | None, cfg: TrainConfig | None, name: str, profile: str,
               extra: dict | None = None) -> str:
     """A hash of everything the trained weights depend on: the run's name and profile, the model's class and
     device type, its config (if it has `cfg`) and its initial parameters, the training config (autocast
-    included), the corpus bytes, and `extra`."""
+    included), the corpus bytes, and `extra`. (`fit_cached` passes no corpus and no config: its `extra`
+    names what its loop depends on.)"""
     import hashlib
     import json
 
@@ -236,15 +237,43 @@ def cache_key(model: torch.nn.Module, corpus: TextCorpus, cfg: TrainConfig, name
     digest.update(json.dumps({"name": name, "profile": profile, "model": type(model).__qualname__,
                               "device": _device_of(model).type,     # a GPU's rounding trains other weights
                               "model_cfg": asdict(model_cfg) if hasattr(model_cfg, "__dataclass_fields__")
-                              else repr(model_cfg), "train": asdict(cfg), "extra": extra or {}},
+                              else repr(model_cfg), "train": asdict(cfg) if cfg is not None else None,
+                              "extra": extra or {}},
                              sort_keys=True, default=repr).encode())
     for key, value in model.state_dict().items():         # the initial weights: another seed is another model
         digest.update(key.encode())
         host = value.detach().cpu().contiguous()      # cpu-ok: hashed as bytes
         digest.update(host.reshape(-1).view(torch.uint8).numpy().tobytes())
-    for part in (corpus.train, corpus.val):
+    for part in (corpus.train, corpus.val) if corpus is not None else ():
         digest.update(part.cpu().contiguous().numpy().tobytes())   # cpu-ok: hashed as bytes
     return digest.hexdigest()[:20]
+
+
+def fit_cached(model: torch.nn.Module, fit, *, chapter: str, name: str, profile: str, extra: dict) -> dict:
+    """`fit(model) -> record` for a training loop of a chapter's own (a JSON-able dict: its curve, its scores),
+    or, when this exact fit ran before, the trained weights and the record loaded from
+    build/cache/<chapter>/<name>-<key>.tensors. `extra` must name everything the loop depends on besides the
+    model (its task, steps, learning rate, seeds): it is hashed into the key with the model's config and initial
+    weights. BOOK_RETRAIN=1 fits anyway. The returned record has "cached_from" (the file, or None)."""
+    import os
+
+    from book.chapters import ROOT
+    from refimpl.io import read_tensors, write_tensors
+
+    key = cache_key(model, None, None, name, profile, extra)
+    path = ROOT / "build" / CACHE_DIR_NAME / chapter / f"{name}-{key}.tensors"
+    if path.exists() and os.environ.get("BOOK_RETRAIN") != "1":
+        try:
+            tensors, meta = read_tensors(path)
+            model.load_state_dict({k: v.to(_device_of(model)) for k, v in tensors.items()})
+            print(f"{name}: loaded the fitted model from {path.relative_to(ROOT)} (BOOK_RETRAIN=1 to fit again)")
+            return {**meta["record"], "cached_from": str(path.relative_to(ROOT))}
+        except (ValueError, KeyError, RuntimeError, TypeError) as err:   # unreadable or stale: say so, fit again
+            print(f"{name}: the cached model {path.relative_to(ROOT)} cannot be used ({err}); fitting again")
+    record = fit(model)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}  # cpu-ok: to a file
+    write_tensors(path, state, meta={"record": record, "key": key})
+    return {**record, "cached_from": None}
 
 
 AVERAGED = "averaged/"            # the prefix of the averaged weights' names in a cache file

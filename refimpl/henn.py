@@ -90,7 +90,8 @@ class HENNConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "HENNConfig":
-        """`tiny` (tests, CI), `small` (the book on a CPU) or `paper` (the write-up's table: counted, not trained)."""
+        """`tiny` (tests, CI), `small` (the book on a CPU), `medium` (the gpu profile) or `paper` (the write-up's
+        table: counted, not trained)."""
         return config_from_preset(cls, HENN_PRESETS, name, overrides)
 
     def layer_kinds(self) -> list[str]:
@@ -104,6 +105,9 @@ HENN_PRESETS = {  # the arguments of each named size
                  mimo_rank=2, max_seq_len=128),
     "small": dict(d_model=96, n_layers=4, window=64, n_heads=4, n_kv_heads=2, ssm_head_dim=16, d_state=16,
                   mimo_rank=2, max_seq_len=512),
+    # The gpu profile's size: twice the width and depth of `small`, a 128-token window, 4,096-token calls.
+    "medium": dict(d_model=256, n_layers=8, window=128, n_heads=8, n_kv_heads=4, ssm_head_dim=32, d_state=32,
+                   mimo_rank=2, max_seq_len=4096),
     # The write-up's table: 12 layers of width 768, one attention layer in four. Vocabulary and the
     # Mamba-3 sizes are the challenge's (1,024 tokens) and the Mamba-3 reference's (head 64, MIMO 4).
     "paper": dict(vocab_size=1024, d_model=768, n_layers=12, window=512, n_heads=12, n_kv_heads=4,

@@ -113,3 +113,27 @@ def test_averaging_is_part_of_the_key(corpus):
     plain = _run(corpus, _model())
     averaged = _run(corpus, _model(), average_from=1)
     assert plain.cached_from is None and averaged.cached_from is None and averaged.averaged.count == 2
+
+
+def test_fit_cached_keeps_a_custom_loops_weights_and_record(monkeypatch):
+    """A chapter's own training loop: fitted once, then loaded (weights and record) while `extra` is the same;
+    another `extra` is another fit."""
+    from book.train import fit_cached
+
+    def fit(model):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        return {"curve": [3.0, 2.0, 1.5], "accuracy": 0.75}
+
+    trained = _model()
+    first = fit_cached(trained, fit, chapter="00_test", name="loop", profile="ci", extra={"steps": 3})
+    assert first == {"curve": [3.0, 2.0, 1.5], "accuracy": 0.75, "cached_from": None}
+    again = _model()
+    second = fit_cached(again, lambda m: pytest.fail("fitted although cached"), chapter="00_test", name="loop",
+                        profile="ci", extra={"steps": 3})
+    assert second["cached_from"].endswith(".tensors") and second["curve"] == first["curve"]
+    for a, b in zip(trained.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+    other = fit_cached(_model(), fit, chapter="00_test", name="loop", profile="ci", extra={"steps": 4})
+    assert other["cached_from"] is None
