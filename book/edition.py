@@ -89,7 +89,7 @@ def front_page(figures_root: Path = ROOT / "figures", link_root: str = "figures"
     profiles = sorted({r["profile"] for r in rows})
     lines += ["", "### The claims, checked", "",
               f"Every row is measured by its chapter's notebook (profile {', '.join(f'`{p}`' for p in profiles)}, "
-              "one seed, a 2-core CPU unless the chapter says otherwise); the claim column quotes the write-up's "
+              "on a 2-core CPU; one seed unless the row names more); the claim column quotes the write-up's "
               "own number.", "",
               "| chapter | write-up | the write-up claims | measured here | verdict |", "|---|---|---|---|---|"]
     lines += [f"| [`{r['chapter']}`](notebooks/{r['chapter']}.ipynb) | {r['write_up']} | {_cell(r['claim'])} | "

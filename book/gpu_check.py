@@ -16,8 +16,10 @@ The steps, in order (each one's result goes into one JSON record, with provenanc
                 torch.compile with CUDA events (`kernels.bench.benchmark_op`). The dry run times the
                 numba CPU kernels instead, quickly and without torch.compile: the same code path, no
                 claim about a GPU.
-    chapters    each chapter notebook run end to end in its `ci` profile (papermill). Skipped by the
-                dry run: `make test` executes the same notebooks.
+    chapters    each chapter notebook run end to end in its `ci` profile (papermill), on the GPU: BOOK_DEVICE
+                is set to it, so a chapter that takes its device from `book.device_for_profile` puts its
+                models, batches and kernels there at the `ci` sizes (the gpu profile's code paths, scaled
+                down). Skipped by the dry run: `make test` executes the same notebooks on the CPU.
 
 Writes `benchmarks/results/gpu_check_<gpu>.json` on a GPU (commit it) or `build/gpu_check/dry_run.json`,
 prints a summary table, and exits 1 if any kernel disagreed with its reference or any step failed, 0 otherwise.
@@ -169,6 +171,7 @@ def step_chapters(device: str, dry_run: bool) -> tuple[dict, list[str]]:
     out_dir = ROOT / "build" / "gpu_check" / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("BOOK_OUTPUT_DIR", str(ROOT / "build" / "gpu_check"))   # figures stay out of the tree
+    os.environ["BOOK_DEVICE"] = device                     # the ci sizes, on the GPU
     table, failures = {}, []
     for notebook in chapters():
         started = time.perf_counter()

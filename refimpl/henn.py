@@ -1,16 +1,17 @@
 """H-ENN, "Hybrid Empty Neural Networks" (seed 001): a state-space backbone with a sliding-window
 attention layer every fourth layer, trained in "ticks" that carry the state, saved to disk and
-resumed, averaged (SWA), initialised from the data, and shipped as a bit-packed INT6 / INT4 artifact.
+resumed, weight-averaged, initialised from the data, and shipped as a bit-packed INT6 / INT4 artifact.
 
 The write-up (shalyhinpavel/ENN) describes: a "Mamba-3 / GDN" backbone with MIMO and a complex
 state; every 4th layer sliding-window attention ("an exact-match L1 cache"); tick-based truncated
 BPTT, "detaching the gradient graph at each step while maintaining the continuous flow of the
 compressed state", so memory is "O(1) w.r.t. sequence length"; agents that "sleep" by writing
-their states to disk; SWA and "data-dependent initialisation"; 12 layers of width 768, ~36M
-parameters, INT6 deployment in 15.9 MB. Its public code (see the chapter) has none of the
-Mamba-3, window, carried state, INT6 or SWA. This module builds each of them:
+their states to disk; stochastic weight averaging (its "SWA") and "data-dependent initialisation";
+12 layers of width 768, ~36M parameters, INT6 deployment in 15.9 MB. Its public code (see the chapter) has none of the
+Mamba-3, window, carried state, INT6 or weight averaging. This module builds each of them:
 
-    HENNConfig / HENN_PRESETS   sizes: `tiny` (tests), `small` (the book on a CPU), `paper` (the table)
+    HENNConfig / HENN_PRESETS   sizes: `tiny` (tests), `small` (the book on a CPU), `medium` (the gpu
+                                profile), `paper` (the table)
     HENNLM                      embedding -> layers -> RMSNorm -> tied unembedding + output bias
                                 layer i mixes tokens with Mamba3Layer (or GatedDeltaNet) or, when
                                 (i + 1) % attention_every == 0, with sliding-window GQA; then a SwiGLU
@@ -22,12 +23,13 @@ Mamba-3, window, carried state, INT6 or SWA. This module builds each of them:
     unigram_output_bias, bigram_embeddings    initialisation from the training bytes
     write_artifact / read_artifact / artifact_budget    the quantised model file and its size
     quantization_aware          training steps taken at the rounded weights (straight-through estimator)
-    associative_recall_batch, recall_loss    the retrieval task behind the "SSM + SWA" claim
+    associative_recall_batch, recall_loss    the retrieval task behind "SSM + sliding-window attention"
 
 Glossary: B batch, T tokens, C width, V vocabulary, L layers, tick = tokens per truncated-BPTT step.
 
 Does not include: the write-up's tokenizer (bytes here: V = 256 for `tiny`/`small`; `paper` counts
-the challenge's 1,024-token vocabulary), bfloat16 training, or the challenge's FineWeb data.
+the challenge's 1,024-token vocabulary), bfloat16 weights (only bf16 autocast of the forward, as
+`tick_backward(autocast="bf16")`), or the challenge's FineWeb data.
 """
 
 from __future__ import annotations
@@ -375,7 +377,8 @@ def load_states(path, model: HENNLM, device=None) -> list[HENNState]:
 # ----------------------------------------------------------------------------
 
 class WeightAverage:
-    """The running mean of a model's parameters over the steps `update` is called at (SWA).
+    """The running mean of a model's parameters over the steps `update` is called at: stochastic weight
+    averaging (the write-up's "SWA"; this book does not use the letters, which also name sliding-window attention).
 
     Averaging the late, noisy iterates of SGD lands nearer the middle of a wide minimum than any
     single one (Izmailov et al. 2018). The model trains on unchanged; `copy_to` writes the average."""

@@ -197,7 +197,7 @@ def mamba3_scan_parallel(x, dt, A, Bm, Cm, theta=None, trap=None, D=None, initia
     c = torch.cumsum(log_alpha, dim=1)                                                # [B, T, H]
     gamma = lam * dt                                                                  # [B, T, H]
     beta = (1 - lam) * dt * torch.exp(log_alpha)                                      # [B, T, H]
-    L = decay_matrix(log_alpha.movedim(1, -1)).movedim(-2, 1).movedim(-1, 2)          # [B, T, T, H], 0 above the diagonal
+    L = decay_matrix(log_alpha.movedim(1, -1)).movedim(-2, 1).movedim(-1, 2)   # [B, T, T, H], 0 above the diagonal
     W = gamma[:, None] * L                                                            # [B, T, T, H]
     W = W + F.pad(beta[:, None, 1:] * L[:, :, 1:], (0, 0, 0, 1))                     # + beta_{s+1} L[t, s+1]
     w_prev = beta[:, :1] * L[:, :, 0]                                                 # [B, T, H]  beta_0 L[t, 0]
