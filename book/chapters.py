@@ -112,7 +112,7 @@ def read_metrics(chapter: str) -> dict:
 # Besides times and speeds, TIMED_KEY covers prefetching: a background thread races the training loop, so
 # which blocks arrive in time (hits, disk reads, prefetches used or wasted) varies from run to run.
 TIMED_KEY = re.compile(r"(^|_)(seconds|ms|speedups?|overhead)($|_)|speedup|per_second|^slopes$|scaling_slopes"
-                       r"|prefetch")
+                       r"|prefetch|^wall_clock")
 TIMED_TEXT = re.compile(r"\d\s*(ms|s)\b|\b(seconds|wall[- ]clock|time slope|faster|slower|speed-?ups?|steps/s)\b"
                         r"|% time|a forward pass")
 

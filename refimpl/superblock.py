@@ -102,7 +102,8 @@ class SuperblockConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "SuperblockConfig":
-        """`tiny` (tests, CI), `small` (the book on a CPU) or `paper` (the write-up's size: counted, not trained)."""
+        """`tiny` (tests, CI), `small` (the book on a CPU), `medium` (the gpu profile) or `paper` (the write-up's
+        size: counted, not trained)."""
         return config_from_preset(cls, PRESETS, name, overrides)
 
 
@@ -111,6 +112,8 @@ PRESETS = {  # the arguments of each named size
                  mtp_horizons=3, max_seq_len=64),
     "small": dict(d_model=96, n_superblocks=2, n_heads=4, n_kv_heads=2, n_experts=4, top_k=2,
                   mtp_horizons=3, max_seq_len=128),
+    "medium": dict(d_model=256, n_superblocks=3, n_heads=8, n_kv_heads=4, n_experts=8, top_k=2,   # the gpu profile
+                   mtp_horizons=3, max_seq_len=512),
     # The write-up's numbers: d 8192, 16 heads, 12 superblocks, vocabulary 50,432. It gives no expert
     # count or size, no KV-head count and no MTP depth: 4 KV heads, 8 experts of 4 d, top-2 and 4
     # horizons are placeholders; `experts_to_reach` solves for the expert count its 235B implies.

@@ -27,6 +27,7 @@ def test_the_rule_leaves_out_what_a_clock_measured_and_nothing_else():
                "store": {"steps_per_second": 2.1, "hit_rate": 0.027}, "store_overhead": {"prefetch": 9.4},
                "store runs": {"1/4, prefetching the next block": {"hit_rate": 0.16}, "1/4": {"hit_rate": 0.03}},
                "scaling": {"slopes": {"step_ms": 0.97}, "T": [64, 128]}, "second_half_bpb": 2.9,
+               "wall_clock_budget": {"steps": 75, "val_bpb": 4.77}, "artifact_budget": {"bytes": 10},
                "claims": [{"claim": "refinement adds 2–3 ms", "measured": "89 ms for 3 steps", "verdict": "no"},
                           {"claim": "zero forgetting", "measured": "+1.17 bits/byte", "verdict": "does not hold"},
                           {"claim": "fast", "measured": "90 s vs 63 s", "verdict": "slower"},
@@ -34,11 +35,11 @@ def test_the_rule_leaves_out_what_a_clock_measured_and_nothing_else():
     part, dropped = book.reproducible_part(metrics)
     assert part == {"training": {"val_bits_per_byte": 2.5, "steps": 600}, "refinement": {"refined_bpb": 4.2},
                     "store": {"hit_rate": 0.027}, "scaling": {"T": [64, 128]}, "second_half_bpb": 2.9,
-                    "store runs": {"1/4": {"hit_rate": 0.03}},
+                    "store runs": {"1/4": {"hit_rate": 0.03}}, "artifact_budget": {"bytes": 10},
                     "claims": [metrics["claims"][1], metrics["claims"][3]]}
     assert sorted(dropped) == sorted(["training.seconds", "kernel_speedups", "refinement.refine_ms",
                                       "store.steps_per_second", "store_overhead", "scaling.slopes",
-                                      "store runs.1/4, prefetching the next block",
+                                      "store runs.1/4, prefetching the next block", "wall_clock_budget",
                                       "claims['refinement adds 2–3 ms']", "claims['fast']"])
     assert metrics["training"]["seconds"] == 12.5            # the input is not changed
     assert _differences(part, part) == []
