@@ -19,8 +19,11 @@ communication at all: one dot product and one scaled add of length Dk per token.
 
 The ladder
     numba       a CPU thread per (b, h) pair (prange), updating the output memory [Dk, Dv] in
-                place: one pass over W per token does both the read and the write, row by row
-                (the inner loop runs along j, contiguous, so it vectorises).
+                place: one pass over W per token does both the read and the write, row by row.
+                The inner loop runs along j over contiguous per-thread arrays (this token's read
+                and its value row, copied in and out once per token), so LLVM vectorises it. Its
+                first version accumulated straight into a strided view of the output reads and did
+                not: 3.4x its step loop at the `small` example shapes, against 17x now.
     numba_cuda  v1 (registered): one GPU thread per column (b, h, j); the column of Dk values
                 lives in a thread-local array (registers / local memory), q_t and k_t are
                 re-read by every thread of the (b, h) pair (they hit in L1), and neighbouring
@@ -86,16 +89,21 @@ def _fast_weight_memory_cpu(q, k, v, gate, decay, strength, reads, W):
     for pair in numba.prange(B * H):
         b, h = pair // H, pair % H
         M = W[b, h]                                        # [Dk, Dv], updated in place
-        r = reads[b, :, h]                                 # [T, Dv]
+        read = np.empty(Dv, dtype=q.dtype)                 # this token's read, and its value row: contiguous
+        value = np.empty(Dv, dtype=q.dtype)                # copies, so the loops over j vectorise
         for t in range(T):
             a = strength * q.dtype.type(one / (one + math.exp(-gate[b, t, h])))   # strength * sigmoid(gate)
             for j in range(Dv):
-                r[t, j] = 0.0
+                read[j] = 0.0
+                value[j] = v[b, t, h, j]
             for i in range(Dk):                            # one pass over W: read row i, then rewrite it
                 qi, aki = q[b, t, h, i], a * k[b, t, h, i]
+                row = M[i]
                 for j in range(Dv):
-                    r[t, j] += M[i, j] * qi                # r_t = W^T q_t, with W before this token's write
-                    M[i, j] = decay * M[i, j] + aki * v[b, t, h, j]
+                    read[j] += row[j] * qi                 # r_t = W^T q_t, with W before this token's write
+                    row[j] = decay * row[j] + aki * value[j]
+            for j in range(Dv):
+                reads[b, t, h, j] = read[j]
 
 
 @register("fast_weight_memory", "numba")
